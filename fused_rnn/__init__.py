@@ -1,0 +1,33 @@
+"""fused_rnn: torch.nn's recurrent layers with the recurrence in fused Triton kernels.
+
+`fused_rnn.LSTM`, `GRU`, `RNN`, `LSTMCell`, `GRUCell` and `RNNCell` are drop-in replacements for
+their torch.nn namesakes. On CUDA the recurrence runs in Triton (when it is installed); on CPU
+it runs plain torch. Triton is imported only when a fused backend is used.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import dispatch, functional, reference
+from .dispatch import available_backends
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+
+try:
+    __version__ = version("fused-rnn")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "RNNBase",
+    "RNNCellBase",
+    "available_backends",
+    "dispatch",
+    "functional",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+"""Which backend runs a recurrence.
+
+Backends:
+    "torch"       plain torch: torch's native RNN ops for the standard cells, a per-step torch loop
+                  for the LSTM variants. Runs everywhere; the CPU path.
+    "stepwise"    Triton, one fused launch per timestep (fused_rnn.kernels). CUDA tensors, or CPU
+                  tensors under TRITON_INTERPRET=1 (the test setting).
+    "persistent"  Triton, one launch per layer and direction for the whole sequence.
+    "auto"        "stepwise" for CUDA tensors when Triton is importable, "torch" otherwise.
+
+"persistent" stays out of "auto" until it has been validated on a GPU. Asking explicitly for a
+fused backend that cannot run raises a RuntimeError that says why; "auto" never raises.
+Triton is imported lazily, only when a fused backend is resolved.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "check_backend", "resolve", "unavailable_reason"]
+
+BACKENDS = ("auto", "torch", "stepwise", "persistent")
+FUSED_BACKENDS = ("stepwise", "persistent")
+
+# mode -> (kernel module, function per fused backend)
+_KERNELS = {
+    "LSTM": ("lstm", {"stepwise": "lstm_recurrence", "persistent": "lstm_recurrence_persistent"}),
+    "GRU": ("gru", {"stepwise": "gru_recurrence", "persistent": "gru_recurrence_persistent"}),
+    "RNN_TANH": ("rnn", {"stepwise": "rnn_recurrence", "persistent": "rnn_recurrence_persistent"}),
+    "RNN_RELU": ("rnn", {"stepwise": "rnn_recurrence", "persistent": "rnn_recurrence_persistent"}),
+}
+
+
+def check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(mode: str, backend: str):
+    """The kernel entry point of `mode` on `backend`, or an error string."""
+    module, names = _KERNELS[mode]
+    try:
+        mod = importlib.import_module(f"fused_rnn.kernels.{module}")
+    except ImportError as e:
+        return f"fused_rnn.kernels.{module} is not available ({e})"
+    fn = getattr(mod, names[backend], None)
+    if fn is None:
+        return f"the {backend} {mode} kernel is not implemented"
+    return fn
+
+
+def unavailable_reason(backend: str, mode: str, device: torch.device) -> str | None:
+    """None if fused `backend` can run `mode` on `device`, else why not."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    elif device.type != "cuda":
+        return f"Triton kernels do not run on {device.type} tensors"
+    err = _triton_error()
+    if err is not None:
+        return err
+    fn = _kernel(mode, backend)
+    return fn if isinstance(fn, str) else None
+
+
+def resolve(backend: str, mode: str, device: torch.device) -> str:
+    """The concrete backend ("torch" or a fused one) for `mode` on `device`."""
+    check_backend(backend)
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type == "cuda" and unavailable_reason("stepwise", mode, device) is None:
+            return "stepwise"
+        return "torch"
+    why = unavailable_reason(backend, mode, device)
+    if why is not None:
+        raise RuntimeError(f"backend={backend!r} is not available for {mode} on {device}: {why}")
+    return backend
+
+
+def kernel(backend: str, mode: str):
+    """The fused entry point (after `resolve` said it is available)."""
+    return _kernel(mode, backend)
+
+
+def available_backends(device: torch.device | str = "cpu", mode: str = "LSTM") -> list[str]:
+    """The concrete backends that can run `mode` on `device`."""
+    out = ["torch"]
+    out += [b for b in FUSED_BACKENDS if unavailable_reason(b, mode, torch.device(device)) is None]
+    return out

@@ -1,0 +1,394 @@
+"""Functional recurrent networks: layers x directions, dropout, packing, backend choice.
+
+Only the sequential part of a layer is backend specific. Everything parallel over time is one
+GEMM done by torch, so autograd handles it:
+
+    gx = x @ W_ih^T + b_ih (+ b_hh where it folds)          # (T, B, G*H), one GEMM per layer
+    y, h_T, c_T = recurrence(gx, h0, c0, W_hh, ...)         # the backend: torch loop or Triton
+
+`lstm`, `gru` and `rnn` take a 3-D input (T, B, I) (or (B, T, I) with batch_first) or a
+PackedSequence, the initial state(s) (or None for zeros) and the weights of each layer and
+direction in torch's order, and return what torch.nn's modules return. The modules in
+`fused_rnn.modules` validate their inputs and call these.
+
+With backend="torch" the standard cells run torch's native RNN ops (the same function as
+torch.nn, including its dropout); the LSTM variants (peephole, coupled gates) run a per-step torch
+loop. Fused backends run the generic stack below on padded sequences with per-sequence lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, _VF
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import dispatch
+from .reference import CellWeights
+
+__all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeights", "gate_count"]
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+# backend="torch" runs torch's native RNN ops for the standard cells. Tests switch this off to run
+# the generic stack (the one the fused backends use) with the torch loop on CPU.
+USE_NATIVE = True
+
+
+def gate_count(mode: str, coupled: bool = False) -> int:
+    if mode == "LSTM":
+        return 3 if coupled else 4
+    return 3 if mode == "GRU" else 1
+
+
+# --------------------------------------------------------------------------------------------
+# the torch recurrence (per-step loop): LSTM variants on CPU, and the generic stack's torch side
+
+
+def _lstm_pointwise(gates: Tensor, c: Tensor, w_ch: Tensor | None, coupled: bool):
+    if coupled:
+        f, g, o = gates.chunk(3, dim=-1)
+        i = None
+    else:
+        i, f, g, o = gates.chunk(4, dim=-1)
+    if w_ch is not None:
+        if coupled:
+            p_f, p_o = w_ch.chunk(2)
+        else:
+            p_i, p_f, p_o = w_ch.chunk(3)
+            i = torch.addcmul(i, p_i, c)
+        f = torch.addcmul(f, p_f, c)
+    f = torch.sigmoid(f)
+    i = 1 - f if coupled else torch.sigmoid(i)
+    c_new = torch.addcmul(f * c, i, torch.tanh(g))
+    if w_ch is not None:
+        o = torch.addcmul(o, p_o, c_new)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
+def _torch_step(mode, gx_t, h, c, w: CellWeights, coupled):
+    rec = torch.mm(h, w.w_hh.t())
+    if mode == "LSTM":
+        m, c_new = _lstm_pointwise(gx_t + rec, c, w.w_ch, coupled)
+        return (m if w.w_hr is None else torch.mm(m, w.w_hr.t())), c_new
+    if mode == "GRU":
+        H = h.shape[-1]
+        x_r, x_z, x_n = gx_t.chunk(3, dim=-1)
+        h_r, h_z, h_n = rec.chunk(3, dim=-1)
+        if w.b_hh is not None:
+            h_n = h_n + w.b_hh[2 * H :]
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(torch.addcmul(x_n, r, h_n))
+        return torch.lerp(n, h, z), None
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return act(gx_t + rec), None
+
+
+def torch_recurrence(mode, gx, h0, c0, w: CellWeights, lengths=None, reverse=False, coupled=False):
+    """The recurrence of one layer and direction as a torch loop (autograd through every step).
+
+    Same contract as the fused kernels: gx (T, B, G*H) with the foldable biases in it, h0 (B, R),
+    c0 (B, H) or None, lengths (B,) or None (steps t >= lengths[b] leave b's state unchanged and
+    output zeros). Returns y (T, B, R), h_T, c_T (or None).
+    """
+    T = gx.shape[0]
+    live = None
+    if lengths is not None:
+        steps_ = torch.arange(T, device=gx.device).unsqueeze(1)
+        live = (steps_ < lengths.to(gx.device).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
+    h, c = h0, c0
+    ys: list[Tensor | None] = [None] * T
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h_new, c_new = _torch_step(mode, gx[t], h, c, w, coupled)
+        if live is None:
+            h, c, ys[t] = h_new, c_new, h_new
+        else:
+            h = torch.where(live[t], h_new, h)
+            if c is not None:
+                c = torch.where(live[t], c_new, c)
+            ys[t] = h_new * live[t]
+    return torch.stack(ys), h, c
+
+
+# --------------------------------------------------------------------------------------------
+# the generic stack (fused backends, variants)
+
+
+def _input_gates(mode: str, x: Tensor, w: CellWeights) -> Tensor:
+    """gx = x W_ih^T + b_ih + the part of b_hh that folds (all of it but GRU's b_hn)."""
+    bias = None
+    if w.b_ih is not None:
+        if mode == "GRU":
+            H = w.b_hh.shape[0] // 3
+            bias = w.b_ih + torch.cat([w.b_hh[: 2 * H], w.b_hh.new_zeros(H)])
+        else:
+            bias = w.b_ih + w.b_hh
+    return F.linear(x, w.w_ih, bias)
+
+
+def _fused_recurrence(backend: str):
+    def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled):
+        fn = dispatch.kernel(backend, mode)
+        if mode == "LSTM":
+            return fn(
+                gx, h0, c0, w.w_hh, w_hr=w.w_hr, w_ch=w.w_ch, coupled=coupled,
+                lengths=lengths, reverse=reverse,
+            )  # fmt: skip
+        if mode == "GRU":
+            H = w.w_hh.shape[1]
+            b_hn = None if w.b_hh is None else w.b_hh[2 * H :]
+            y, h = fn(gx, h0, w.w_hh, b_hn, lengths=lengths, reverse=reverse)
+        else:
+            nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
+            y, h = fn(gx, h0, w.w_hh, nonlinearity=nonlinearity, lengths=lengths, reverse=reverse)
+        return y, h, None
+
+    return run
+
+
+def _recurrence_for(backend: str):
+    return torch_recurrence if backend == "torch" else _fused_recurrence(backend)
+
+
+def _cast_weights(weights: Sequence[CellWeights], dtype) -> list[CellWeights]:
+    return [CellWeights(*(None if p is None else p.to(dtype) for p in w)) for w in weights]
+
+
+def _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths,
+           coupled, run):  # fmt: skip
+    """The network on a padded sequence x (T, B, I); see reference.stack for the layout."""
+    D = 2 if bidirectional else 1
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, non_blocking=True)
+    hn, cn = [], []
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            gx = _input_gates(mode, layer_in, weights[k])
+            y, h, c = run(
+                mode, gx, h0[k], None if c0 is None else c0[k], weights[k], lengths, d == 1, coupled
+            )
+            outs.append(y)
+            hn.append(h)
+            cn.append(c)
+        layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        if training and dropout > 0 and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+    return layer_in, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _autocast_dtype(device: torch.device):
+    """The dtype autocast casts RNN ops to on `device`, or None when autocast is off there."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first, dropout,
+         training, coupled, variant, backend):  # fmt: skip
+    """Shared body of lstm/gru/rnn once the state is shaped (L*D, B, R) and in sorted order."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    batch = h0.shape[1]
+    which = dispatch.resolve(backend, mode, data.device)
+    if which != "torch" and batch == 0:
+        which = "torch"  # nothing to launch: an empty batch returns empty tensors
+    if which == "torch" and not variant and USE_NATIVE:
+        return _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first,
+                       dropout, training)  # fmt: skip
+
+    if packed:
+        x, lengths = pad_packed_sequence(PackedSequence(data, input.batch_sizes))
+    else:
+        x, lengths = (data.transpose(0, 1) if batch_first else data), None
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if which != "torch":
+        cast = _autocast_dtype(x.device)
+        if cast is not None:
+            x, h0 = x.to(cast), h0.to(cast)
+            c0 = None if c0 is None else c0.to(cast)
+            weights = _cast_weights(weights, cast)
+    out, hn, cn = _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, training,
+                         lengths, coupled, _recurrence_for(which))  # fmt: skip
+    if packed:
+        out = pack_padded_sequence(out, lengths).data
+    elif batch_first:
+        out = out.transpose(0, 1)
+    return out, hn, cn
+
+
+def _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout,
+            training):  # fmt: skip
+    """torch's own RNN ops: the same function (and dropout stream) as torch.nn."""
+    has_bias = weights[0].b_ih is not None
+    flat = [p for w in weights for p in w if p is not None]
+    fn = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+    hx = (h0, c0) if mode == "LSTM" else h0
+    if isinstance(input, PackedSequence):
+        res = fn[mode](input.data, input.batch_sizes, hx, flat, has_bias, num_layers,
+                       float(dropout), training, bidirectional)  # fmt: skip
+    else:
+        res = fn[mode](input, hx, flat, has_bias, num_layers, float(dropout), training,
+                       bidirectional, batch_first)  # fmt: skip
+    if mode == "LSTM":
+        return res[0], res[1], res[2]
+    return res[0], res[1], None
+
+
+# --------------------------------------------------------------------------------------------
+# public functional API
+
+
+def _layer_weights(weights, bias: bool, proj: bool, peephole: bool) -> list[CellWeights]:
+    out = []
+    for ws in weights:
+        ws = list(ws)
+        w_ih, w_hh = ws[0], ws[1]
+        rest = ws[2:]
+        b_ih = b_hh = w_hr = w_ch = None
+        if bias:
+            b_ih, b_hh, rest = rest[0], rest[1], rest[2:]
+        if proj:
+            w_hr, rest = rest[0], rest[1:]
+        if peephole:
+            w_ch, rest = rest[0], rest[1:]
+        if rest:
+            raise ValueError(f"unexpected extra weights in a layer: got {len(ws)} tensors")
+        out.append(CellWeights(w_ih, w_hh, b_ih, b_hh, w_hr, w_ch))
+    return out
+
+
+def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, bidirectional,
+             batch_first, proj_size=0, peephole=False, coupled=False, backend="auto"):  # fmt: skip
+    dispatch.check_backend(backend)
+    D = 2 if bidirectional else 1
+    cw = _layer_weights(weights, bias, proj_size > 0, peephole)
+    if len(cw) != num_layers * D:
+        raise ValueError(f"expected {num_layers * D} layer weight groups, got {len(cw)}")
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if packed:
+        batch = int(input.batch_sizes[0])
+    else:
+        if data.dim() != 3:
+            raise ValueError(f"{mode}: expected a 3-D input or a PackedSequence, got {data.dim()}D")
+        batch = data.shape[0 if batch_first else 1]
+    H = cw[0].w_hh.shape[0] // gate_count(mode, coupled)
+    R = proj_size if proj_size > 0 else H
+    if hx is None:
+        h0 = data.new_zeros(num_layers * D, batch, R)
+        c0 = data.new_zeros(num_layers * D, batch, H) if mode == "LSTM" else None
+    elif mode == "LSTM":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    if packed and input.sorted_indices is not None:
+        h0 = h0.index_select(1, input.sorted_indices)
+        c0 = None if c0 is None else c0.index_select(1, input.sorted_indices)
+    out, hn, cn = _run(mode, input, h0, c0, cw, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, dropout=dropout, training=training,
+                       coupled=coupled, variant=peephole or coupled, backend=backend)  # fmt: skip
+    if packed:
+        if input.unsorted_indices is not None:
+            hn = hn.index_select(1, input.unsorted_indices)
+            cn = None if cn is None else cn.index_select(1, input.unsorted_indices)
+        out = PackedSequence(out, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    return out, hn, cn
+
+
+def lstm(input, hx, weights, *, bias=True, num_layers=1, dropout=0.0, training=False,
+         bidirectional=False, batch_first=False, proj_size=0, peephole=False,
+         coupled_gates=False, backend="auto"):  # fmt: skip
+    """A multi-layer LSTM; returns (output, (h_n, c_n)) like torch.nn.LSTM.
+
+    Args:
+        input: (T, B, I), (B, T, I) with batch_first, or a PackedSequence.
+        hx: (h_0 (L*D, B, R), c_0 (L*D, B, H)) in the caller's batch order, or None for zeros.
+        weights: per layer and direction (index layer*D + direction), the tensors in torch's
+            order: w_ih (G*H, I), w_hh (G*H, R), [b_ih, b_hh (G*H,)], [w_hr (P, H)],
+            [w_ch (3H,) or (2H,) with coupled gates]. Gates (i, f, g, o); (f, g, o) when coupled.
+        backend: "auto", "torch", "stepwise" or "persistent" (see fused_rnn.dispatch).
+    """
+    out, hn, cn = _generic("LSTM", input, hx, weights, bias=bias, num_layers=num_layers,
+                           dropout=dropout, training=training, bidirectional=bidirectional,
+                           batch_first=batch_first, proj_size=proj_size, peephole=peephole,
+                           coupled=coupled_gates, backend=backend)  # fmt: skip
+    return out, (hn, cn)
+
+
+def gru(input, hx, weights, *, bias=True, num_layers=1, dropout=0.0, training=False,
+        bidirectional=False, batch_first=False, backend="auto"):  # fmt: skip
+    """A multi-layer GRU; returns (output, h_n) like torch.nn.GRU. Gates (r, z, n)."""
+    out, hn, _ = _generic("GRU", input, hx, weights, bias=bias, num_layers=num_layers,
+                          dropout=dropout, training=training, bidirectional=bidirectional,
+                          batch_first=batch_first, backend=backend)  # fmt: skip
+    return out, hn
+
+
+def rnn(input, hx, weights, *, nonlinearity="tanh", bias=True, num_layers=1, dropout=0.0,
+        training=False, bidirectional=False, batch_first=False, backend="auto"):  # fmt: skip
+    """A multi-layer Elman RNN (tanh or relu); returns (output, h_n) like torch.nn.RNN."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+    out, hn, _ = _generic(mode, input, hx, weights, bias=bias, num_layers=num_layers,
+                          dropout=dropout, training=training, bidirectional=bidirectional,
+                          batch_first=batch_first, backend=backend)  # fmt: skip
+    return out, hn
+
+
+# --------------------------------------------------------------------------------------------
+# cells: one step, (B, I) input, (B, H) state
+
+
+def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
+    which = dispatch.resolve(backend, mode, input.device)
+    if which != "torch" and input.shape[0] == 0:
+        which = "torch"
+    if which == "torch" and not variant and USE_NATIVE:
+        if mode == "LSTM":
+            return _VF.lstm_cell(input, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+        fn = {"GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell}
+        return fn[mode](input, h, w.w_ih, w.w_hh, w.b_ih, w.b_hh), None
+    if which != "torch":
+        cast = _autocast_dtype(input.device)
+        if cast is not None:
+            input, h = input.to(cast), h.to(cast)
+            c = None if c is None else c.to(cast)
+            (w,) = _cast_weights([w], cast)
+    gx = _input_gates(mode, input.unsqueeze(0), w)
+    _, h_new, c_new = _recurrence_for(which)(mode, gx, h, c, w, None, False, coupled)
+    return h_new, c_new
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, w_ch=None, coupled_gates=False,
+              backend="auto"):  # fmt: skip
+    """One LSTM step on (B, I) input and hx = (h (B, H), c (B, H)); returns (h', c')."""
+    dispatch.check_backend(backend)
+    w = CellWeights(w_ih, w_hh, b_ih, b_hh, None, w_ch)
+    variant = w_ch is not None or coupled_gates
+    return _cell("LSTM", input, hx[0], hx[1], w, coupled_gates, variant, backend)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend="auto"):
+    """One GRU step on (B, I) input and h (B, H); returns h'."""
+    dispatch.check_backend(backend)
+    return _cell("GRU", input, hx, None, CellWeights(w_ih, w_hh, b_ih, b_hh), False, False,
+                 backend)[0]  # fmt: skip
+
+
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, nonlinearity="tanh",
+             backend="auto"):  # fmt: skip
+    """One Elman RNN step (tanh or relu) on (B, I) input and h (B, H); returns h'."""
+    dispatch.check_backend(backend)
+    if nonlinearity not in ("tanh", "relu"):
+        raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+    return _cell(mode, input, hx, None, CellWeights(w_ih, w_hh, b_ih, b_hh), False, False,
+                 backend)[0]  # fmt: skip
