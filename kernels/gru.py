@@ -1,0 +1,461 @@
+"""GRU recurrence (and the plain RNN's, see rnn.py), stepwise: one fused launch per timestep.
+
+Legend
+    T  time steps         B  batch         H  hidden units
+    G  gates: 3 for the GRU (r | z | n, torch's row order), 1 for the RNN
+
+Forward, for each step t in processing order (T-1 .. 0 when reverse), per sequence b:
+    GRU   a   = h W_hh^T  (3 row blocks: a_r | a_z | a_n)
+          gx_t = x_t W_ih^T + b_ih + [b_hr | b_hz | 0]     (the caller folds b_hh's r, z parts)
+          r  = σ(gx_r + a_r);   z = σ(gx_z + a_z)
+          hn = a_n + b_hn                                  (b_hn cannot fold: r multiplies it)
+          n  = tanh(gx_n + r ⊙ hn)
+          h' = (1 - z) ⊙ n + z ⊙ h
+    RNN   h' = act(gx_t + h W_hh^T)          act = tanh | relu, gx_t includes b_ih + b_hh
+With `lengths`, step t is live for b only when t < lengths[b]; a dead step keeps h and writes
+y_t[b] = 0, so the reverse direction starts at each sequence's own last step.
+
+Backward, per step in reverse processing order, with dh the gradient reaching h' (from y_t, from
+the step that read h' through W_hh, and the direct term `carry` below):
+    GRU   dn_pre = dh ⊙ (1 - z) ⊙ (1 - n²)      = dgx_n
+          dz_pre = dh ⊙ (h - n) ⊙ z(1 - z)       = dgx_z
+          dhn    = dn_pre ⊙ r                    gradient of W_hn h + b_hn
+          dr_pre = dn_pre ⊙ hn ⊙ r(1 - r)        = dgx_r
+          carry  = dh ⊙ z                        the part of dh_prev that skips W_hh
+          dh_prev = carry + [dr_pre | dz_pre | dhn] W_hh
+    RNN   dpre = dh ⊙ act'(h')  (1 - h'² | h' > 0) = dgx;   carry = 0;   dh_prev = dpre W_hh
+    dW_hh = Σ_t dgh_t^T h_{t-1} with dgh = [dr_pre | dz_pre | dhn] (GRU) or dpre (RNN), one GEMM
+    per row block after the loop;  db_hn = Σ_{t,b} dhn.
+A dead step passes dh through unchanged (carry = dh) and has dgx = dgh = 0.
+
+Both cells share the kernels below: `CELL` (a constexpr) picks the GRU or the RNN maths, so
+rnn.py only holds the RNN's entry point. Kernels work on (hidden, batch) tiles: hidden units on
+the MMA's M side, the small batch on N, padded to 16 with masks; one `tl.dot` per gate block.
+Backward launch for step t first completes dh for its units from the previous launch's dgh
+(dgh_{t+1} W_hh[:, j], a `tl.dot` over G*H), then does the pointwise part; a last launch with
+no step (HAS_STEP=False) forms dh0.
+
+What forward keeps for backward (buffers in "time order": the state entering step t is index t,
+the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
+    hs  (T+1, B, H) input dtype: every h including h0 (the dW_hh GEMM reads h_{t-1} from it;
+        the RNN's act' reads h').
+    ws  (T, B, 4H) fp32 (fp64 for fp64 input), GRU only: r | z | n | hn of every step, so
+        backward recomputes neither the recurrent product nor a transcendental. fp32 because
+        the backward products of gates lose accuracy in bf16.
+ws is only written when a gradient is needed. Backward writes dgx (T, B, G*H) in the input dtype
+(it is both the returned gradient and, for the r, z (or RNN) blocks, dgh) and for the GRU dhn
+(T, B, H), the n block of dgh.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ._common import (
+    _dot,
+    _sigmoid,
+    _tanh,
+    acc_dtype,
+    block_b,
+    block_h,
+    block_k,
+    dot_precision,
+    new_output,
+    normalize,
+)
+
+__all__ = ["gru_recurrence", "GRURecurrence", "CELL_GRU", "CELL_RNN_TANH", "CELL_RNN_RELU"]
+
+# values of the CELL constexpr
+CELL_GRU = 0
+CELL_RNN_TANH = 1
+CELL_RNN_RELU = 2
+
+_TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
+
+
+# =========================================================================== kernels
+
+
+@triton.jit
+def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
+    """(1, BLOCK_B) mask of the sequences for which step t is live (t < lengths[b])."""
+    if HAS_LEN:
+        b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+        return (t < b_len)[None, :]
+    else:
+        return m_b[None, :]
+
+
+@triton.jit
+def _mm_tile(
+    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
+    a,  # A[m, k] at a + m * stride_am + k * stride_ak
+    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
+    stride_am,
+    stride_ak,
+    stride_xb,
+    o_m,
+    m_m,
+    o_b,
+    m_b,
+    K,
+    DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """b_acc + A[o_m, :K] @ X[o_b, :K]^T, a `tl.dot` per BLOCK_K chunk of the reduction."""
+    for k in range(0, K, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(
+            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_x = tl.load(
+            x + o_b[None, :] * stride_xb + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
+        )
+        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
+    return b_acc
+
+
+@triton.heuristics(
+    {
+        "HAS_B_HN": lambda a: a["b_hn"] is not None,
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "STORE_WS": lambda a: a["ws"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t", "s_in", "s_out"])
+def _fwd_step_kernel(
+    gx,  # (T, B, G*H) input gates of every step, row blocks r | z | n (GRU)
+    hs,  # (T+1, B, H) states in time order: reads slot s_in, writes slot s_out
+    w_hh,  # (G*H, H) row-major
+    b_hn,  # (H,) or None: the GRU's b_hh n block
+    lengths,  # (B,) int64 or None
+    y,  # (T, B, H) output
+    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward
+    t,  # step
+    s_in,  # hs slot of h (t, or t + 1 with reverse)
+    s_out,  # hs slot of h' (t + 1, or t with reverse)
+    B,
+    H,
+    CELL: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_B_HN: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    STORE_WS: tl.constexpr,
+):
+    """One step for hidden units o_h of sequences o_b: h' into hs[s_out], y_t, (ws_t)."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    i_t = t.to(tl.int64)
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    p_hin = hs + s_in.to(tl.int64) * B * H
+    # (BLOCK_H, BLOCK_B) offsets of element (b, j) in a (B, H) and a (B, G*H) slab
+    o_bh = o_b[None, :] * H + o_h[:, None]
+    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+    p_gx = gx + i_t * B * G * H + o_bg
+
+    # recurrent products a_g = (h W_g^T)^T, one tl.dot per gate block over h
+    b_z0 = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
+    b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+    b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0).to(ACC)
+    if CELL == 0:
+        b_az = _mm_tile(
+            b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+        )
+        b_an = _mm_tile(
+            b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+        )
+        if HAS_B_HN:
+            b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+        b_r = _sigmoid(tl.load(p_gx, mask=m_hb, other=0.0).to(ACC) + b_a0)
+        b_z = _sigmoid(tl.load(p_gx + H, mask=m_hb, other=0.0).to(ACC) + b_az)
+        b_n = _tanh(tl.load(p_gx + 2 * H, mask=m_hb, other=0.0).to(ACC) + b_r * b_an)
+        b_hnew = b_n + b_z * (b_h - b_n)
+        if STORE_WS:
+            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+            tl.store(p_ws, b_r, mask=m_hb)
+            tl.store(p_ws + H, b_z, mask=m_hb)
+            tl.store(p_ws + 2 * H, b_n, mask=m_hb)
+            tl.store(p_ws + 3 * H, b_an, mask=m_hb)
+    else:
+        b_pre = tl.load(p_gx, mask=m_hb, other=0.0).to(ACC) + b_a0
+        if CELL == 1:
+            b_hnew = _tanh(b_pre)
+        else:
+            b_hnew = tl.maximum(b_pre, 0.0)
+
+    m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+    b_y = tl.where(m_live, b_hnew, 0.0)
+    b_hnew = tl.where(m_live, b_hnew, b_h)
+    tl.store(y + i_t * B * H + o_bh, b_y.to(y.dtype.element_ty), mask=m_hb)
+    tl.store(hs + s_out.to(tl.int64) * B * H + o_bh, b_hnew.to(hs.dtype.element_ty), mask=m_hb)
+
+
+@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.jit(do_not_specialize=["t", "t_next", "s_in", "s_out"])
+def _bwd_step_kernel(
+    dy,  # (T, B, H) gradient of y
+    hs,  # (T+1, B, H) states in time order (forward's)
+    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; None for the RNN
+    w_hh,  # (G*H, H) row-major
+    lengths,  # (B,) int64 or None
+    carry,  # (B, H) ACC, in place: the part of the gradient reaching h' that skips W_hh
+    dgx,  # (T, B, G*H) out: dgx_t; step t_next (previous launch) is read for dgh W_hh
+    dhn,  # (T, B, H) out, GRU: n block of dgh (r ⊙ dn_pre); None for the RNN
+    dh0,  # (B, H) out when not HAS_STEP: the gradient reaching the state before t_next
+    t,  # step (HAS_STEP)
+    t_next,  # step processed by the previous launch (HAS_NEXT)
+    s_in,  # hs slot of h_{t-1}
+    s_out,  # hs slot of h'
+    B,
+    H,
+    CELL: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_NEXT: tl.constexpr,
+    HAS_STEP: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+):
+    """dh for units o_h of sequences o_b, then (HAS_STEP) step t's dgx, dhn and carry."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    o_bh = o_b[None, :] * H + o_h[:, None]
+    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+
+    b_dh = tl.load(carry + o_bh, mask=m_hb, other=0.0)
+    if HAS_NEXT:
+        # dh += (dgh_{t_next} W_hh)[:, o_h]: W_hh^T tiles (rows o_h = columns of W_hh) times
+        # dgh^T, per gate block; the GRU's n block of dgh is dhn, not dgx_n
+        i_n = t_next.to(tl.int64)
+        p_dg = dgx + i_n * B * G * H
+        b_dh = _mm_tile(b_dh, w_hh, p_dg, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+        if CELL == 0:
+            b_dh = _mm_tile(
+                b_dh, w_hh + H * H, p_dg + H, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+            )
+            b_dh = _mm_tile(
+                b_dh, w_hh + 2 * H * H, dhn + i_n * B * H, 1, H, H, o_h, m_h, o_b, m_b, H,
+                DOT_PREC, BLOCK_K,
+            )  # fmt: skip
+
+    if HAS_STEP:
+        i_t = t.to(tl.int64)
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        # y_t is a constant 0 where the step is dead: its gradient goes nowhere
+        b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+        b_dh += tl.where(m_live, b_dy, 0.0)
+        p_dgx = dgx + i_t * B * G * H + o_bg
+        if CELL == 0:
+            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+            b_r = tl.load(p_ws, mask=m_hb, other=0.0)
+            b_z = tl.load(p_ws + H, mask=m_hb, other=0.0)
+            b_n = tl.load(p_ws + 2 * H, mask=m_hb, other=0.0)
+            b_hn = tl.load(p_ws + 3 * H, mask=m_hb, other=0.0)
+            b_h = tl.load(hs + s_in.to(tl.int64) * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+            b_dn = tl.where(m_live, b_dh * (1.0 - b_z) * (1.0 - b_n * b_n), 0.0)
+            b_dz = tl.where(m_live, b_dh * (b_h - b_n) * b_z * (1.0 - b_z), 0.0)
+            b_dhn = b_dn * b_r
+            b_dr = b_dn * b_hn * b_r * (1.0 - b_r)
+            b_carry = tl.where(m_live, b_dh * b_z, b_dh)
+            tl.store(p_dgx, b_dr.to(dgx.dtype.element_ty), mask=m_hb)
+            tl.store(p_dgx + H, b_dz.to(dgx.dtype.element_ty), mask=m_hb)
+            tl.store(p_dgx + 2 * H, b_dn.to(dgx.dtype.element_ty), mask=m_hb)
+            tl.store(dhn + i_t * B * H + o_bh, b_dhn.to(dhn.dtype.element_ty), mask=m_hb)
+        else:
+            b_hnew = tl.load(hs + s_out.to(tl.int64) * B * H + o_bh, mask=m_hb, other=0.0)
+            b_hnew = b_hnew.to(ACC)
+            if CELL == 1:
+                b_dpre = b_dh * (1.0 - b_hnew * b_hnew)
+            else:
+                b_dpre = tl.where(b_hnew > 0.0, b_dh, 0.0)
+            b_dpre = tl.where(m_live, b_dpre, 0.0)
+            b_carry = tl.where(m_live, 0.0, b_dh)
+            tl.store(p_dgx, b_dpre.to(dgx.dtype.element_ty), mask=m_hb)
+        tl.store(carry + o_bh, b_carry, mask=m_hb)
+    else:
+        tl.store(dh0 + o_bh, b_dh.to(dh0.dtype.element_ty), mask=m_hb)
+
+
+# =========================================================================== launchers
+
+
+def _slots(t: int, reverse: bool) -> tuple[int, int]:
+    """hs slots (state entering step t, state leaving it) in time order."""
+    return (t + 1, t) if reverse else (t, t + 1)
+
+
+# 4 warps: compiled for sm_90 (Triton 3.9), the GRU kernels on 16x16 tiles with BLOCK_K = 64 hit
+# 255 registers and spill to the stack (up to 896 bytes in fp32 backward) with 1 or 2 warps; with
+# 4 they use 56-201 registers and no stack, in fp32, fp16 and bf16.
+_NUM_WARPS = 4
+
+
+def _tiles(B: int, H: int):
+    BLOCK_B = block_b(B)
+    n_b = triton.cdiv(B, BLOCK_B)
+    BLOCK_H = block_h(H, n_b)
+    grid = (triton.cdiv(H, BLOCK_H), n_b)
+    meta = dict(BLOCK_H=BLOCK_H, BLOCK_B=BLOCK_B, BLOCK_K=block_k(H))
+    return grid, meta, _NUM_WARPS
+
+
+def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store):
+    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None."""
+    T, B, GH = gx.shape
+    H = h0.shape[1]
+    dt, acc = gx.dtype, acc_dtype(gx.dtype)
+    y = new_output((T, B, H), dt, gx.device)
+    hs = new_output((T + 1, B, H), dt, gx.device)
+    hs[T if reverse else 0].copy_(h0)
+    ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
+    grid, meta, warps = _tiles(B, H)
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        s_in, s_out = _slots(t, reverse)
+        _fwd_step_kernel[grid](
+            gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws,
+            t=t, s_in=s_in, s_out=s_out, B=B, H=H,
+            CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt), **meta, num_warps=warps,
+        )  # fmt: skip
+    return y, hs, ws
+
+
+def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs):
+    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so)."""
+    need_gx, need_h0, need_whh, need_bhn = needs
+    T, B, H = dy.shape
+    G = 3 if cell == CELL_GRU else 1
+    dt, acc = dy.dtype, acc_dtype(dy.dtype)
+    carry = torch.empty((B, H), dtype=acc, device=dy.device).copy_(dhT)
+    dgx = new_output((T, B, G * H), dt, dy.device)
+    dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
+    dh0 = new_output((B, H), dt, dy.device) if need_h0 else None
+    grid, meta, warps = _tiles(B, H)
+    common = dict(
+        dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn, dh0=dh0,
+        B=B, H=H, CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt), **meta,
+        num_warps=warps,
+    )  # fmt: skip
+    t_next = None
+    for t in range(T) if reverse else range(T - 1, -1, -1):
+        s_in, s_out = _slots(t, reverse)
+        _bwd_step_kernel[grid](
+            t=t, t_next=0 if t_next is None else t_next, s_in=s_in, s_out=s_out,
+            HAS_NEXT=t_next is not None, HAS_STEP=True, **common,
+        )  # fmt: skip
+        t_next = t
+    if need_h0:
+        _bwd_step_kernel[grid](
+            t=0, t_next=t_next, s_in=0, s_out=0, HAS_NEXT=True, HAS_STEP=False, **common
+        )
+    dw_hh = db_hn = None
+    if need_whh:
+        h_prev = (hs[1:] if reverse else hs[:-1]).reshape(T * B, H)
+        dw_hh = torch.empty_like(w_hh)
+        if cell == CELL_GRU:
+            torch.mm(dgx[..., : 2 * H].reshape(T * B, 2 * H).t(), h_prev, out=dw_hh[: 2 * H])
+            torch.mm(dhn.reshape(T * B, H).t(), h_prev, out=dw_hh[2 * H :])
+        else:
+            torch.mm(dgx.reshape(T * B, H).t(), h_prev, out=dw_hh)
+    if need_bhn:
+        db_hn = dhn.sum((0, 1), dtype=acc).to(dt)
+    return (dgx if need_gx else None), dh0, dw_hh, db_hn
+
+
+# =========================================================================== autograd
+
+
+class GRURecurrence(torch.autograd.Function):
+    """(gx, h0, w_hh, b_hn, lengths, reverse, cell, store) -> (y, h_T), for the GRU and the RNN.
+
+    Inputs already normalised by `_recurrence` (contiguous, one dtype, checked shapes); `cell`
+    is CELL_GRU, CELL_RNN_TANH or CELL_RNN_RELU (b_hn is None for the RNN); `store` says whether
+    a gradient will be asked for (forward then keeps the GRU's gates).
+    """
+
+    @staticmethod
+    def forward(ctx, gx, h0, w_hh, b_hn, lengths, reverse, cell, store):
+        y, hs, ws = _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store)
+        h_T = hs[0 if reverse else gx.shape[0]].clone()
+        ctx.reverse, ctx.cell = reverse, cell
+        if store:
+            ctx.save_for_backward(hs, ws, w_hh, lengths)
+        return y, h_T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dhT):
+        hs, ws, w_hh, lengths = ctx.saved_tensors
+        dy, dhT = normalize(dy, dhT, dtype=hs.dtype)
+        dgx, dh0, dw_hh, db_hn = _backward(
+            ctx.cell, dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.needs_input_grad[:4]
+        )
+        return dgx, dh0, dw_hh, db_hn, None, None, None, None
+
+
+def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse):
+    """Checks and normalises the inputs once, then runs GRURecurrence (GRU and RNN)."""
+    G = 3 if cell == CELL_GRU else 1
+    if gx.dim() != 3:
+        raise ValueError(f"gx must be (T, B, {G}*H), got shape {tuple(gx.shape)}")
+    T, B, GH = gx.shape
+    H = w_hh.shape[-1]
+    if T < 1:
+        raise ValueError("gx must have at least one time step")
+    expect = {"gx": (gx, (T, B, G * H)), "h0": (h0, (B, H)), "w_hh": (w_hh, (G * H, H))}
+    if b_hn is not None:
+        expect["b_hn"] = (b_hn, (H,))
+    for name, (ten, shape) in expect.items():
+        if tuple(ten.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(ten.shape)}")
+    gx, h0, w_hh, b_hn = normalize(gx, h0, w_hh, b_hn)
+    if lengths is not None:
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
+    store = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (gx, h0, w_hh, b_hn)
+    )
+    return GRURecurrence.apply(gx, h0, w_hh, b_hn, lengths, bool(reverse), cell, store)
+
+
+def gru_recurrence(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
+    """The GRU recurrence of one layer and direction, in fused Triton kernels.
+
+    Args:
+        gx: (T, B, 3H) ``x @ W_ih^T + b_ih + [b_hr | b_hz | 0]``, row blocks r | z | n.
+        h0: (B, H) initial state.
+        w_hh: (3H, H) recurrent weights, row blocks r | z | n.
+        b_hn: (H,) the n block of b_hh (multiplied by r, so it cannot fold into gx), or None.
+        lengths: (B,) integer tensor on gx's device: sequence b runs steps t < lengths[b]; its
+            state is frozen and its output zero elsewhere (reverse starts at its own last step).
+        reverse: run time from T-1 down to 0.
+    All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
+    Returns y (T, B, H), h_T (B, H) in gx's dtype; differentiable once w.r.t. gx, h0, w_hh,
+    b_hn.
+
+    Example::
+
+        gx = x @ w_ih.t() + b_ih + torch.cat([b_hh[: 2 * H], b_hh.new_zeros(H)])
+        y, h_T = gru_recurrence(gx, h0, w_hh, b_hh[2 * H :])
+    """
+    return _recurrence(CELL_GRU, gx, h0, w_hh, b_hn, lengths, reverse)
