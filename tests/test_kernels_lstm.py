@@ -1,0 +1,343 @@
+"""Kernel vs reference: the fused LSTM recurrence (fused_rnn.kernels.lstm) against the float64
+oracle `fused_rnn.reference.recurrence`, outputs, final states and the gradients of every input.
+
+Without CUDA the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton
+is imported). Every kernel output buffer is NaN-filled before the kernel runs (poison), so an
+element a kernel forgets to write shows up as NaN.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+from fused_rnn.kernels import _common  # noqa: E402
+from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
+from fused_rnn.kernels.lstm import lstm_recurrence  # noqa: E402
+
+from fused_rnn import reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Relative error bound ‖kernel - reference‖ / ‖reference‖ per tensor, against float64 maths on
+# the same (rounded) inputs.
+TOL = {
+    # fp64 kernels: only summation order differs from the reference (observed ~1e-15).
+    torch.float64: 1e-10,
+    # fp32 "ieee" dots: rounding of fp32 products/sums over ~T steps (observed ~3e-7); a GPU with
+    # TF32 on (cuDNN's default for RNNs) rounds the dot operands to 10 mantissa bits.
+    torch.float32: 1e-5 if _common.dot_precision(torch.float32) == "ieee" else 3e-3,
+    # fp16/bf16: dot operands, h, y and da are stored in 11/8 mantissa bits; the gradients
+    # compound that rounding over the steps (observed ~5e-4 fp16, ~6e-3 bf16).
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+DT_NAME = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("FUSED_RNN_POISON", "1")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 3
+    T: int = 7
+    H: int = 33
+    I: int = 5
+    P: int = 0  # proj_size, 0 = none
+    peep: bool = False
+    coupled: bool = False
+    lens: bool = False
+    reverse: bool = False
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-T{self.T}-H{self.H}-I{self.I}-{DT_NAME[self.dtype]}"]
+        parts += [f"proj{self.P}"] if self.P else []
+        parts += [n for n in ("peep", "coupled", "lens") if getattr(self, n)]
+        parts += ["rev"] if self.reverse else []
+        return "-".join(parts)
+
+
+def make_lengths(B: int, T: int) -> torch.Tensor:
+    """Unsorted lengths holding a full-length and a length-1 sequence (when B allows)."""
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    if B > 1:
+        lengths[1] = 1
+    return lengths[torch.randperm(B)]
+
+
+def make_problem(c: Case):
+    """Float64 leaves (x, h0, c0, weights, lengths), rounded through c.dtype."""
+    G = 3 if c.coupled else 4
+    R = c.P or c.H
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, **f64) * scale).to(c.dtype).double().requires_grad_()
+
+    s = c.H**-0.5
+    w = reference.CellWeights(
+        w_ih=leaf(G * c.H, c.I, scale=s),
+        w_hh=leaf(G * c.H, R, scale=s),
+        b_ih=leaf(G * c.H, scale=0.1),
+        b_hh=leaf(G * c.H, scale=0.1),
+        w_hr=leaf(c.P, c.H, scale=s) if c.P else None,
+        w_ch=leaf((G - 1) * c.H, scale=0.5) if c.peep else None,
+    )
+    x = leaf(c.T, c.B, c.I)
+    h0, c0 = leaf(c.B, R, scale=0.5), leaf(c.B, c.H, scale=0.5)
+    lengths = make_lengths(c.B, c.T).to(DEVICE) if c.lens else None
+    return x, h0, c0, w, lengths
+
+
+def leaves(x, h0, c0, w):
+    return [x, h0, c0] + [v for v in w if v is not None]
+
+
+def run_kernel(c: Case, x, h0, c0, w, lengths):
+    """The kernel path in c.dtype on copies of the leaves; returns (outputs, leaves)."""
+    lv = [v.detach().to(c.dtype).requires_grad_() for v in leaves(x, h0, c0, w)]
+    xk, h0k, c0k, *ws = lv
+    wk = reference.CellWeights(*[ws.pop(0) if v is not None else None for v in w])
+    gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
+    out = lstm_recurrence(
+        gx, h0k, c0k, wk.w_hh, w_hr=wk.w_hr, w_ch=wk.w_ch, coupled=c.coupled,
+        lengths=lengths, reverse=c.reverse,
+    )  # fmt: skip
+    return out, lv
+
+
+def loss_of(out, cot):
+    return sum((o * d.to(o.dtype)).sum() for o, d in zip(out, cot, strict=True))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    assert torch.isfinite(a).all(), "non-finite values (unwritten poison?)"
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_case(c: Case):
+    x, h0, c0, w, lengths = make_problem(c)
+    ref = reference.recurrence("LSTM", x, h0, c0, w, lengths, c.reverse, c.coupled)
+    cot = [torch.randn_like(r) for r in ref]
+    ref_grads = torch.autograd.grad(loss_of(ref, cot), leaves(x, h0, c0, w))
+
+    out, lv = run_kernel(c, x, h0, c0, w, lengths)
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == c.dtype and o.shape == r.shape
+    grads = torch.autograd.grad(loss_of(out, cot), lv)
+
+    names = ["y", "h_T", "c_T", "dx", "dh0", "dc0"] + [
+        "d" + n for n, v in zip(reference.CellWeights._fields, w, strict=True) if v is not None
+    ]
+    errs = {
+        n: rel_err(a, b)
+        for n, a, b in zip(names, list(out) + list(grads), list(ref) + list(ref_grads), strict=True)
+    }
+    bad = {n: e for n, e in errs.items() if not e <= TOL[c.dtype]}
+    assert not bad, f"relative errors over {TOL[c.dtype]:.0e}: {bad}"
+
+    if lengths is not None:  # dead steps: y exactly zero, no gradient reaches their input
+        dead = torch.arange(c.T, device=DEVICE)[:, None] >= lengths[None, :]
+        assert (out[0][dead] == 0).all()
+        assert (grads[0][dead] == 0).all()
+
+
+# ----------------------------------------------------------------------------- the grid
+
+VARIANTS = [
+    dict(),
+    dict(P=5),
+    dict(peep=True),
+    dict(coupled=True),
+    dict(P=17, peep=True),
+    dict(P=17, peep=True, coupled=True),
+]
+GRID = [
+    Case(lens=lens, reverse=rev, **v)
+    for v in VARIANTS
+    for lens in (False, True)
+    for rev in (False, True)
+]
+SHAPES = [
+    Case(T=1, lens=True, reverse=True, peep=True, P=4),
+    Case(T=1, B=1),
+    Case(B=1, T=5, H=16, I=1, P=3, reverse=True),
+    Case(B=1, T=6, lens=True, coupled=True, peep=True),
+    Case(B=5, T=12, H=64, I=9, lens=True, peep=True),
+    Case(B=5, T=20, H=20, I=3, P=7, lens=True, reverse=True, coupled=True),
+    Case(B=2, T=3, H=1, I=2, peep=True),
+]
+LOW = [
+    Case(dtype=dt, **kw)
+    for dt in (torch.float32, torch.float16, torch.bfloat16)
+    for kw in (
+        dict(),
+        dict(P=17, peep=True, lens=True, reverse=True),
+        dict(coupled=True, peep=True, lens=True),
+    )
+]
+
+
+@pytest.mark.parametrize("c", GRID + SHAPES + LOW, ids=lambda c: c.id)
+def test_matches_reference(c):
+    check_case(c)
+
+
+@pytest.mark.parametrize(
+    "c",
+    [
+        Case(B=20, T=4, H=33, I=3, P=20, peep=True, lens=True, reverse=True),
+        Case(B=20, T=4, H=33, I=3, coupled=True, peep=True, lens=True),
+        Case(B=17, T=3, H=40, I=3),
+    ],
+    ids=lambda c: c.id,
+)
+def test_small_tiles(c, monkeypatch):
+    """GPU-like tiling: several programs along H and B, multi-chunk K loops with masked tails."""
+    monkeypatch.setattr(lstm_mod, "block_b", lambda B: 16)
+    monkeypatch.setattr(lstm_mod, "block_h", lambda H, n_b=1: 16)
+    monkeypatch.setattr(lstm_mod, "block_k", lambda K: 16)
+    check_case(c)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _fn(coupled, lengths, reverse):
+    def f(gx, h0, c0, w_hh, w_hr, w_ch):
+        return lstm_recurrence(
+            gx,
+            h0,
+            c0,
+            w_hh,
+            w_hr=w_hr,
+            w_ch=w_ch,
+            coupled=coupled,
+            lengths=lengths,
+            reverse=reverse,
+        )
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "coupled,proj,lens,reverse,T,B,H,fast",
+    [
+        (False, True, True, True, 2, 2, 1, False),  # every Jacobian entry, on a tiny problem
+        (True, False, True, False, 4, 3, 5, True),  # random projections of it (cheaper)
+        (False, False, False, True, 4, 3, 5, True),
+    ],
+)
+def test_gradcheck(coupled, proj, lens, reverse, T, B, H, fast):
+    G = 3 if coupled else 4
+    R = 1 if proj else H
+    f64 = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = (
+        torch.randn(T, B, G * H, **f64),
+        torch.randn(B, R, **f64),
+        torch.randn(B, H, **f64),
+        torch.randn(G * H, R, **f64),
+        torch.randn(R, H, **f64) if proj else None,
+        torch.randn((G - 1) * H, **f64),
+    )
+    lengths = make_lengths(B, T).to(DEVICE) if lens else None
+    f = _fn(coupled, lengths, reverse)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, fast_mode=fast)
+
+
+def test_double_backward_raises():
+    c = Case(B=2, T=3, H=8, I=2, peep=True)
+    x, h0, c0, w, lengths = make_problem(c)
+    out, lv = run_kernel(c, x, h0, c0, w, lengths)
+    (g,) = torch.autograd.grad(out[0].pow(2).sum(), lv[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        g.sum().backward()
+
+
+def test_grad_subset():
+    """Only w_hh and c0 require grad: those gradients still match; the rest stay None."""
+    c = Case(B=3, T=5, H=16, I=4, P=6, peep=True, lens=True, reverse=True)
+    x, h0, c0, w, lengths = make_problem(c)
+    ref = reference.recurrence("LSTM", x, h0, c0, w, lengths, c.reverse, c.coupled)
+    cot = [torch.randn_like(r) for r in ref]
+    ref_whh, ref_c0 = torch.autograd.grad(loss_of(ref, cot), [w.w_hh, c0])
+
+    gx = (x @ w.w_ih.t() + w.b_ih + w.b_hh).detach()
+    w_hh, c0k = w.w_hh.detach().requires_grad_(), c0.detach().requires_grad_()
+    h0k, w_hr, w_ch = h0.detach(), w.w_hr.detach(), w.w_ch.detach()
+    out = lstm_recurrence(gx, h0k, c0k, w_hh, w_hr=w_hr, w_ch=w_ch, lengths=lengths, reverse=True)
+    loss_of(out, cot).backward()
+    assert rel_err(w_hh.grad, ref_whh) < TOL[torch.float64]
+    assert rel_err(c0k.grad, ref_c0) < TOL[torch.float64]
+    assert gx.grad is None and h0k.grad is None and w_hr.grad is None
+
+
+def test_backward_leaves_grad_outputs_alone():
+    """The kernels update dh/dc buffers in place: they must be copies of dh_T/dc_T."""
+    c = Case(B=2, T=3, H=8, I=2, lens=True)
+    x, h0, c0, w, lengths = make_problem(c)
+    out, _ = run_kernel(c, x, h0, c0, w, lengths)
+    cot = [torch.randn_like(o) for o in out]
+    kept = [g.clone() for g in cot]
+    torch.autograd.backward(out, cot)
+    assert all(torch.equal(a, b) for a, b in zip(cot, kept, strict=True))
+
+
+def test_no_grad_and_noncontiguous_inputs_give_identical_outputs():
+    c = Case(B=3, T=6, H=24, I=4, P=5, peep=True, lens=True)
+    x, h0, c0, w, lengths = make_problem(c)
+    gx = (x @ w.w_ih.t() + w.b_ih + w.b_hh).detach()
+    kw = dict(w_hr=w.w_hr, w_ch=w.w_ch, lengths=lengths)
+    with_grad = lstm_recurrence(gx, h0, c0, w.w_hh, **kw)  # stores gates for backward
+    with torch.no_grad():
+        plain = lstm_recurrence(gx, h0, c0, w.w_hh, **kw)  # does not
+    gx_nc = gx.transpose(0, 1).contiguous().transpose(0, 1)  # (T, B, 4H) view of (B, T, 4H)
+    assert not gx_nc.is_contiguous()
+    with torch.no_grad():
+        nc = lstm_recurrence(gx_nc, h0, c0, w.w_hh, **kw)
+    for a, b, d in zip(with_grad, plain, nc, strict=True):
+        assert torch.equal(a.detach(), b) and torch.equal(b, d)
+    assert not any(t.requires_grad for t in plain)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def test_poison_is_on():
+    """The autouse fixture's poison reaches the allocator, so the grid proves full writes."""
+    buf = _common.new_output((3, 2), torch.float32, DEVICE)
+    assert buf.isnan().all()
+
+
+def test_bad_inputs_raise():
+    T, B, H = 2, 3, 8
+    gx, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, H), torch.randn(B, H)
+    w_hh = torch.randn(4 * H, H)
+    with pytest.raises(ValueError, match="h0"):
+        lstm_recurrence(gx, h0[:, :-1], c0, w_hh)
+    with pytest.raises(ValueError, match="w_ch"):
+        lstm_recurrence(gx, h0, c0, w_hh, w_ch=torch.randn(2 * H))
+    with pytest.raises(ValueError, match="multiple"):
+        lstm_recurrence(torch.randn(T, B, 4 * H + 1), h0, c0, w_hh)
+    with pytest.raises(TypeError):
+        lstm_recurrence(gx, h0.double(), c0, w_hh)
+    with pytest.raises(ValueError, match="lengths"):
+        lstm_recurrence(gx, h0, c0, w_hh, lengths=torch.ones(B + 1, dtype=torch.int64))
