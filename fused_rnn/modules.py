@@ -84,8 +84,8 @@ class RNNBase(nn.Module):
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                "dropout expects num_layers greater than 1, but got dropout={} and "
-                "num_layers={}".format(dropout, num_layers),
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
                 stacklevel=2,
             )
         for name, value in (("bias", bias), ("batch_first", batch_first)):
@@ -96,9 +96,7 @@ class RNNBase(nn.Module):
         if input_size <= 0:
             raise ValueError("input_size must be greater than zero")
         if not isinstance(hidden_size, int):
-            raise TypeError(
-                f"hidden_size should be of type int, got: {type(hidden_size).__name__}"
-            )
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
         if num_layers <= 0:
@@ -343,8 +341,6 @@ class RNN(RNNBase):
     ):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if kwargs:
-            raise TypeError(f"RNN.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
         if nonlinearity == "tanh":
             mode = "RNN_TANH"
         elif nonlinearity == "relu":
@@ -352,6 +348,10 @@ class RNN(RNNBase):
         else:
             raise ValueError(
                 f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        if kwargs:  # after the nonlinearity check, as in torch (its RNNBase rejects them)
+            raise TypeError(
+                f"RNN.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
             )
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend)  # fmt: skip
@@ -432,7 +432,9 @@ class GRU(RNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
-            raise TypeError(f"GRU.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
+            raise TypeError(
+                f"GRU.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
+            )
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend)  # fmt: skip
 
@@ -452,8 +454,12 @@ class RNNCellBase(nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         self.backend = dispatch.check_backend(backend)
-        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory))
-        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory))
+        self.weight_ih = nn.Parameter(
+            torch.empty((num_chunks * hidden_size, input_size), **factory)
+        )
+        self.weight_hh = nn.Parameter(
+            torch.empty((num_chunks * hidden_size, hidden_size), **factory)
+        )
         if bias:
             self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
             self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
@@ -501,8 +507,7 @@ class RNNCellBase(nn.Module):
             out.append(h)
         if input.size(1) != self.input_size:
             raise RuntimeError(
-                f"input has inconsistent input_size: got {input.size(1)} expected "
-                f"{self.input_size}"
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
             )
         for idx, h in enumerate(out):
             if h.dim() != 2 or input.size(0) != h.size(0):
@@ -516,9 +521,7 @@ class RNNCellBase(nn.Module):
                     f"{self.hidden_size}"
                 )
             if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
-                raise RuntimeError(
-                    f"expected hidden{idx} dtype {input.dtype} but got {h.dtype}"
-                )
+                raise RuntimeError(f"expected hidden{idx} dtype {input.dtype} but got {h.dtype}")
         if self.weight_ih.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 f"expected input dtype {self.weight_ih.dtype} (the weights' dtype) but got "

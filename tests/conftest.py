@@ -28,3 +28,21 @@ def native_off(monkeypatch):
 
     monkeypatch.setattr(F, "USE_NATIVE", False)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test tensors are tiny: intra-op threads only add synchronisation, and on a busy 2-core
+    machine their spin-waits made the suite many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["native", "generic"])
+def path(request):
+    """Both CPU paths of backend="torch": torch's native ops, and the generic stack (torch loop)."""
+    if request.param == "generic":
+        request.getfixturevalue("native_off")
+    return request.param

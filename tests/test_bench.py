@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+
 from fused_rnn.bench import SUITES, cli, report, runner, suites, timing
 from fused_rnn.bench.suites import Shape
 

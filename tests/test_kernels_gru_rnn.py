@@ -14,12 +14,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 os.environ.setdefault("FUSED_RNN_POISON", "1")
 
-import fused_rnn.kernels.gru as gru_mod  # noqa: E402
 import pytest  # noqa: E402
+
+import fused_rnn.kernels.gru as gru_mod  # noqa: E402
+from fused_rnn import reference  # noqa: E402
 from fused_rnn.kernels.gru import gru_recurrence  # noqa: E402
 from fused_rnn.kernels.rnn import rnn_recurrence  # noqa: E402
-
-from fused_rnn import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ["GRU", "RNN_TANH", "RNN_RELU"]

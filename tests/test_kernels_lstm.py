@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
+
+from fused_rnn import reference  # noqa: E402
 from fused_rnn.kernels import _common  # noqa: E402
 from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
 from fused_rnn.kernels.lstm import lstm_recurrence  # noqa: E402
-
-from fused_rnn import reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
