@@ -32,9 +32,14 @@ __all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeigh
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
-# backend="torch" runs torch's native RNN ops for the standard cells. Tests switch this off to run
-# the generic stack (the one the fused backends use) with the torch loop on CPU.
+# backend="torch" runs torch's native RNN ops for the standard cells, except under torch.compile /
+# torch.export (inductor cannot compile the CPU native LSTM op; the loop compiles to plain ops).
+# Tests switch this off to run the generic stack (the one the fused backends use) on CPU.
 USE_NATIVE = True
+
+
+def _native_ok(variant: bool) -> bool:
+    return USE_NATIVE and not variant and not torch.compiler.is_compiling()
 
 
 def gate_count(mode: str, coupled: bool = False) -> int:
@@ -198,7 +203,7 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
     which = dispatch.resolve(backend, mode, data.device)
     if which != "torch" and batch == 0:
         which = "torch"  # nothing to launch: an empty batch returns empty tensors
-    if which == "torch" and not variant and USE_NATIVE:
+    if which == "torch" and _native_ok(variant):
         return _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first,
                        dropout, training)  # fmt: skip
 
@@ -351,7 +356,7 @@ def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
     which = dispatch.resolve(backend, mode, input.device)
     if which != "torch" and input.shape[0] == 0:
         which = "torch"
-    if which == "torch" and not variant and USE_NATIVE:
+    if which == "torch" and _native_ok(variant):
         if mode == "LSTM":
             return _VF.lstm_cell(input, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
         fn = {"GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell}
