@@ -109,7 +109,8 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         _check_variants(peephole, coupled_gates)
         if (peephole or coupled_gates) and mode != "LSTM":
-            raise ValueError("peephole and coupled_gates are LSTM options")
+            name = "peephole" if peephole else "coupled_gates"
+            raise TypeError(f"RNNBase.__init__() got an unexpected keyword argument '{name}'")
 
         gate_size = functional.gate_count(mode, coupled_gates) * hidden_size
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
@@ -349,12 +350,9 @@ class RNN(RNNBase):
             raise ValueError(
                 f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
             )
-        if kwargs:  # after the nonlinearity check, as in torch (its RNNBase rejects them)
-            raise TypeError(
-                f"RNN.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
-            )
+        # other unknown keywords reach RNNBase, which rejects them after this check, as in torch
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend=backend)  # fmt: skip
+                         bidirectional, 0, device, dtype, backend=backend, **kwargs)  # fmt: skip
         self.nonlinearity = nonlinearity
 
 
@@ -431,12 +429,8 @@ class GRU(RNNBase):
     ):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if kwargs:
-            raise TypeError(
-                f"GRU.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
-            )
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend=backend)  # fmt: skip
+                         bidirectional, 0, device, dtype, backend=backend, **kwargs)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

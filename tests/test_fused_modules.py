@@ -183,3 +183,21 @@ def test_variants_on_fused_path(backend):
 
 def test_auto_resolves_to_torch_on_cpu():
     assert dispatch.resolve("auto", "LSTM", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autocast_casts_like_nn_lstm(backend):
+    """Under autocast the fused path runs in the autocast dtype, as torch.nn.LSTM does."""
+    ref = nn.LSTM(4, 16, 2).to(DEVICE)
+    ours = fused_rnn.LSTM(4, 16, 2, backend=backend).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    dtype = torch.bfloat16
+    with torch.autocast(torch.device(DEVICE).type, dtype=dtype):
+        y_ref, (h_ref, c_ref) = ref(x)
+        y, (h, c) = ours(x)
+    assert y.dtype == y_ref.dtype == dtype
+    assert h.dtype == h_ref.dtype and c.dtype == c_ref.dtype
+    # both round operands to bf16 (8 mantissa bits) at different points: a few 1e-2 apart at most
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=3e-2)
+    torch.testing.assert_close(c.float(), c_ref.float(), rtol=0, atol=3e-2)
