@@ -8,8 +8,9 @@ Backends:
     "persistent"  Triton, one launch per layer and direction for the whole sequence.
     "auto"        "stepwise" for CUDA tensors when Triton is importable, "torch" otherwise.
 
-"persistent" stays out of "auto" until it has been validated on a GPU. Asking explicitly for a
-fused backend that cannot run raises a RuntimeError that says why; "auto" never raises.
+"persistent" stays out of "auto" until it has been validated on a GPU (PERSISTENT_IN_AUTO).
+Asking explicitly for a fused backend that cannot run raises a RuntimeError that says why;
+"auto" never raises.
 Triton is imported lazily, only when a fused backend is resolved.
 """
 
@@ -25,6 +26,12 @@ __all__ = ["BACKENDS", "available_backends", "check_backend", "resolve", "unavai
 
 BACKENDS = ("auto", "torch", "stepwise", "persistent")
 FUSED_BACKENDS = ("stepwise", "persistent")
+
+# "auto" may pick "persistent" only once the persistent kernels have passed a GPU validation run
+# (correctness and timings on a device, bench/NOTES.md); flip to True then. The persistent entry
+# points make the per-launch decision themselves (fused_rnn.kernels._common.choose) and run the
+# stepwise kernels where the persistent grid would not fit.
+PERSISTENT_IN_AUTO = False
 
 # mode -> (kernel module, function per fused backend)
 _KERNELS = {
@@ -76,11 +83,31 @@ def unavailable_reason(backend: str, mode: str, device: torch.device) -> str | N
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU)"
     elif device.type != "cuda":
         return f"Triton kernels do not run on {device.type} tensors"
+    return _import_error(backend, mode)
+
+
+def _import_error_impl(backend: str, mode: str) -> str | None:
     err = _triton_error()
     if err is not None:
         return err
     fn = _kernel(mode, backend)
     return fn if isinstance(fn, str) else None
+
+
+def compile_constant(fn):
+    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo (and with it
+    triton) at `import fused_rnn` time: the decorator only sets this attribute.
+
+    torch.compile / torch.export then call `fn` once at trace time and keep its (str, int or
+    None) answer as a constant, instead of tracing into the imports behind it, which would break
+    the graph (fullgraph=True fails). tests/test_compile.py checks the attribute is still the one
+    torch's decorator sets.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_import_error = compile_constant(_import_error_impl)
 
 
 def resolve(backend: str, mode: str, device: torch.device) -> str:
@@ -90,7 +117,11 @@ def resolve(backend: str, mode: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if device.type == "cuda" and unavailable_reason("stepwise", mode, device) is None:
+        if device.type != "cuda":
+            return "torch"
+        if PERSISTENT_IN_AUTO and unavailable_reason("persistent", mode, device) is None:
+            return "persistent"
+        if unavailable_reason("stepwise", mode, device) is None:
             return "stepwise"
         return "torch"
     why = unavailable_reason(backend, mode, device)

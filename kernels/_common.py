@@ -1,9 +1,12 @@
 """Helpers shared by every cell's kernels (lstm.py, gru.py, rnn.py).
 
 Host side: interpreter detection, the `tl.dot` precision that matches cuDNN's RNN, block sizes,
-the output allocator (NaN-poisoned on request, so tests prove every element is written), and
-the one place where inputs are made contiguous and checked for a common dtype and device.
-Device side: numerically safe `_sigmoid` and `_tanh` for use inside kernels.
+the output allocator (NaN-poisoned on request, so tests prove every element is written), the
+one place where inputs are made contiguous and checked for a common dtype and device, and the
+persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
+decision (`choose`) and the cooperative launch (`launch_persistent`).
+Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the live-step mask `_live`, and
+the grid barrier `_grid_barrier` of the persistent kernels.
 
 Public names here are used by all cells: keep them stable.
 """
@@ -11,6 +14,9 @@ Public names here are used by all cells: keep them stable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import logging
 import os
 
 import torch
@@ -32,10 +38,27 @@ __all__ = [
     "block_k",
     "num_warps",
     "normalize",
+    "DeviceProps",
+    "KernelResources",
+    "PersistentConfig",
+    "device_props",
+    "max_coresident",
+    "choose",
+    "PERSISTENT_WARPS",
+    "persistent_tiles",
+    "split_k",
+    "launch_persistent",
     "_sigmoid",
     "_tanh",
     "_dot",
+    "_live",
+    "_grid_barrier",
+    "_load_split_a",
+    "_load_split_b",
+    "_dot_split",
 ]
+
+_log = logging.getLogger("fused_rnn.kernels")
 
 # Module switch for NaN-filled outputs (tests); the env var FUSED_RNN_POISON=1 does the same.
 POISON = False
@@ -168,6 +191,214 @@ def normalize(*tensors: torch.Tensor | None, dtype: torch.dtype | None = None):
     return tuple(out)
 
 
+# --------------------------------------------------------------------------- persistent launch
+#
+# A persistent kernel's programs wait for each other at a grid barrier every step, so all of
+# them must be resident at once: a program that waits for one that cannot start deadlocks.
+# `max_coresident` bounds the grid from the device's per-SM limits and the compiled kernel's
+# registers and shared memory; `choose` says whether the persistent kernel may run;
+# `launch_persistent` launches it (cooperatively where Triton offers it, which makes the driver
+# refuse rather than hang a grid that does not fit) or reports that the caller must fall back
+# to the stepwise kernels.
+
+# Registers are allocated per warp in units of 256; every block reserves 1 KB of shared memory
+# (sm_80 and later): CUDA's occupancy rules.
+REG_ALLOC_UNIT = 256
+SMEM_RESERVED_PER_BLOCK = 1024
+
+# A persistent program owns an SM (one per SM), so it may use the whole register file: 8 warps
+# (one chunk of the split-K products each) at up to 255 registers (8 x 32 x 255 < 64K). Under
+# ptxas's default budget some kernels stopped at 127 registers and spilled 8-16 bytes on sm_90;
+# with maxnreg=255 none spilled (bench/NOTES.md).
+PERSISTENT_WARPS = 8
+PERSISTENT_MAXNREG = 255
+# The split-K accumulators are SPLIT x BLOCK_H x BLOCK_B per gate: batch tiles of 64 spilled
+# (255 registers + ~500 bytes on sm_90); 32 do not.
+PERSISTENT_MAX_BLOCK_B = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProps:
+    """Per-SM limits that decide how many programs can be resident at once (H100 defaults)."""
+
+    sm_count: int
+    regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+    smem_per_sm: int = 228 * 1024
+    smem_per_block: int = 227 * 1024  # the opt-in maximum one block may ask for
+    warp_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+    """What one program of a compiled kernel uses (CompiledKernel.n_regs, .metadata.shared...)."""
+
+    n_regs: int
+    shared: int  # bytes
+    num_warps: int
+    n_spills: int = 0  # bytes of local memory (register spills)
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentConfig:
+    """One persistent launch: its number of programs and the weight bytes each keeps on chip."""
+
+    programs: int
+    onchip_bytes: int
+
+
+def max_coresident(props: DeviceProps, res: KernelResources) -> int:
+    """How many programs of a kernel using `res` can be resident on the device at once."""
+    threads = res.num_warps * props.warp_size
+    if threads > props.max_threads_per_sm or res.shared > props.smem_per_block:
+        return 0
+    regs_per_warp = -(-max(res.n_regs, 1) * props.warp_size // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = (props.regs_per_sm // regs_per_warp) // res.num_warps
+    by_threads = props.max_threads_per_sm // threads
+    by_smem = props.smem_per_sm // (res.shared + SMEM_RESERVED_PER_BLOCK)
+    per_sm = min(by_regs, by_threads, by_smem, props.max_blocks_per_sm)
+    return max(per_sm, 0) * props.sm_count
+
+
+def choose(props: DeviceProps, res: KernelResources | None, cfg: PersistentConfig) -> str:
+    """Returns "persistent" when the persistent kernel can run safely as designed, else "stepwise".
+
+    Persistent needs: the weight slice of one program fits the shared memory a block may use;
+    the grid is at most one program per SM and (given the compiled kernel's `res`) all programs
+    can be resident at once; the kernel does not spill (a spilled weight slice is re-read from
+    memory every step, which is what persistence is meant to avoid). Without `res` (before
+    compiling) only the first two are judged.
+    """
+    if cfg.programs < 1 or cfg.onchip_bytes > props.smem_per_block:
+        return "stepwise"
+    if cfg.programs > props.sm_count:
+        return "stepwise"
+    if res is not None:
+        if res.n_spills > 0 or cfg.programs > max_coresident(props, res):
+            return "stepwise"
+    return "persistent"
+
+
+@functools.cache
+def _device_props(index: int) -> DeviceProps:
+    p = torch.cuda.get_device_properties(index)
+    per_block = getattr(p, "shared_memory_per_block_optin", 0)
+    if not per_block:
+        triton_props = triton.runtime.driver.active.utils.get_device_properties(index)
+        per_block = triton_props["max_shared_mem"]
+    return DeviceProps(
+        sm_count=p.multi_processor_count,
+        regs_per_sm=getattr(p, "regs_per_multiprocessor", 65536),
+        max_threads_per_sm=getattr(p, "max_threads_per_multi_processor", 2048),
+        # 16 is the smallest per-SM block limit of the GPUs Triton supports (sm_75)
+        max_blocks_per_sm=16,
+        smem_per_sm=getattr(p, "shared_memory_per_multiprocessor", 0)
+        or per_block + SMEM_RESERVED_PER_BLOCK,
+        smem_per_block=per_block,
+        warp_size=getattr(p, "warp_size", 32),
+    )
+
+
+def device_props(device) -> DeviceProps:
+    """The co-residency limits of a CUDA device (cached per device)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_props(index)
+
+
+def split_k(block_k: int, warps: int) -> int:
+    """Chunks of a persistent kernel's reduction: one per warp, each at least 16 wide."""
+    return max(1, min(warps, block_k // 16))
+
+
+def persistent_tiles(H: int, B: int, P: int = 0, sm_count: int = 1):
+    """(BLOCK_H, BLOCK_P, BLOCK_B, grid) of a persistent kernel.
+
+    Programs own BLOCK_H hidden units (all gates) and, with a projection, BLOCK_P rows of h, for
+    a BLOCK_B tile of the batch; grid = (unit blocks, batch tiles). Under the interpreter one
+    program covers everything (programs run one after another there, so a barrier only works
+    with one). On a GPU: the smallest MMA tile (16) unless that needs more programs than SMs.
+    """
+    if is_interpreter():
+        whole = functools.partial(block_size, lo=16, hi=1 << 30)
+        return whole(H), whole(P), whole(B), (1, 1)
+    BLOCK_B = block_size(B, 16, PERSISTENT_MAX_BLOCK_B)
+    n_b = triton.cdiv(B, BLOCK_B)
+    BLOCK_H = BLOCK_P = 16
+    while max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P)) * n_b > sm_count:
+        if triton.cdiv(H, BLOCK_H) >= triton.cdiv(P, BLOCK_P):
+            BLOCK_H *= 2
+        else:
+            BLOCK_P *= 2
+    n_u = max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P))
+    return BLOCK_H, BLOCK_P, BLOCK_B, (n_u, n_b)
+
+
+@functools.cache
+def _cuda_launch_options() -> frozenset:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(CUDAOptions))
+
+
+def cooperative_launch_available() -> bool:
+    """Whether the installed Triton has the `launch_cooperative_grid` launch option (>= 3.2)."""
+    return "launch_cooperative_grid" in _cuda_launch_options()
+
+
+def launch_persistent(kernel, grid, *, barriers: int, onchip_bytes: int, device, **kwargs) -> bool:
+    """Launches persistent `kernel` on `grid` with a fresh zeroed barrier counter `cnt`.
+
+    Returns False, launching nothing, when `choose` rejects the launch (the grid could not be
+    co-resident, the weight slice does not fit on chip, or the kernel spills): the caller then
+    runs the stepwise kernels. `barriers` is the number of grid barriers the kernel crosses.
+    Launch options: PERSISTENT_WARPS warps, maxnreg and a cooperative launch where the
+    installed Triton has them. Refusals are logged (logger "fused_rnn.kernels", DEBUG).
+    """
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", type(kernel).__name__)
+    programs = grid[0] * grid[1]
+    kwargs.setdefault("num_warps", PERSISTENT_WARPS)
+    if is_interpreter():
+        if programs > 1 and barriers > 0:
+            raise RuntimeError(
+                "the interpreter runs programs one after another: a grid barrier over "
+                f"{programs} programs would never be reached by all of them"
+            )
+        kernel[grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **kwargs)
+        return True
+    props = device_props(device)
+    cfg = PersistentConfig(programs, onchip_bytes)
+    if choose(props, None, cfg) != "persistent":
+        _log.debug("%s: stepwise instead (before compiling): %s, %s", name, cfg, props)
+        return False
+    cnt = torch.zeros(1, dtype=torch.int32, device=device)  # monotonic: never reset, no ABA
+    options = _cuda_launch_options()
+    if "maxnreg" in options:
+        kwargs.setdefault("maxnreg", PERSISTENT_MAXNREG)
+    if "launch_cooperative_grid" in options:
+        kwargs["launch_cooperative_grid"] = True
+    compiled = kernel.warmup(cnt=cnt, grid=grid, **kwargs)
+    try:
+        compiled._init_handles()  # loads the binary: fills n_regs / n_spills
+    except triton.runtime.errors.OutOfResources as e:
+        _log.debug("%s: stepwise instead: %s", name, e)
+        return False
+    res = KernelResources(
+        n_regs=compiled.n_regs,
+        shared=compiled.metadata.shared,
+        num_warps=compiled.metadata.num_warps,
+        n_spills=compiled.n_spills,
+    )
+    if choose(props, res, cfg) != "persistent":
+        _log.debug("%s: stepwise instead: %s, %s, %s", name, cfg, res, props)
+        return False
+    kernel[grid](cnt=cnt, **kwargs)
+    return True
+
+
 # --------------------------------------------------------------------------- jit helpers
 
 # Read at trace time by `_dot`; a compiled (GPU) kernel never sees the interpreter branch.
@@ -202,3 +433,73 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     r = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, r, -r)
+
+
+@triton.jit
+def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
+    """(1, BLOCK_B) mask of the sequences for which step t is live (t < lengths[b])."""
+    if HAS_LEN:
+        b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+        return (t < b_len)[None, :]
+    else:
+        return m_b[None, :]
+
+
+@triton.jit
+def _grid_barrier(cnt, target):
+    """Waits until every program of the grid has arrived here `target / num_programs` times.
+
+    `cnt` is a zeroed int32 counter that only grows: each arrival adds 1 (release: this
+    program's earlier stores are visible to whoever acquires the count), then the program spins
+    on an acquire read until the count reaches target = (barrier index) * num_programs. Scalar
+    atomics run on one thread of the program, so CTA barriers before and after order the other
+    threads' stores and loads around them. Data read after the barrier is loaded with
+    cache_modifier=".cg" (L2, not a possibly stale L1 line).
+    """
+    tl.debug_barrier()
+    tl.atomic_add(cnt, 1, sem="release", scope="gpu")
+    while tl.atomic_add(cnt, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+# Split-K products of the persistent kernels. Their weight slices are only 16 rows high (the
+# smallest MMA tile), too few to share among warps, so with a plain (16, K) x (K, N) `tl.dot`
+# every warp held all of A: ~256 registers and spills on sm_90 at K = 1024. Cut into SPLIT
+# chunks as a batched (SPLIT, 16, K/SPLIT) x (SPLIT, K/SPLIT, N) dot, the warps take a chunk
+# each (Triton lays the batch dimension across warps); a sum over the chunks finishes it.
+
+
+@triton.jit
+def _load_split_a(p, o_m, m_m, stride_m, stride_k, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(SPLIT, BLOCK_M, BLOCK_K // SPLIT) tile of A[m, k] = p[m * stride_m + k * stride_k] for
+    rows o_m and k < K (zero elsewhere), the reduction split in SPLIT consecutive chunks."""
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
+    o_k = tl.arange(0, SPLIT)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    return tl.load(
+        p + o_m[None, :, None] * stride_m + o_k * stride_k,
+        mask=m_m[None, :, None] & (o_k < K),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _load_split_b(p, o_n, m_n, stride_n, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(SPLIT, BLOCK_K // SPLIT, BLOCK_N) tile of X^T, X[n, k] = p[n * stride_n + k], for rows
+    o_n and k < K (zero elsewhere). X was written by other programs before a grid barrier: the
+    load goes to L2 (".cg"), never to a stale L1 line."""
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
+    o_k = tl.arange(0, SPLIT)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]
+    return tl.load(
+        p + o_n[None, None, :] * stride_n + o_k,
+        mask=(o_k < K) & m_n[None, None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+
+
+@triton.jit
+def _dot_split(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + A @ X^T from split tiles a = `_load_split_a`, b = `_load_split_b`."""
+    part = tl.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=acc.dtype)
+    return acc + tl.sum(_dot(a, b, part, DOT_PREC), axis=0)

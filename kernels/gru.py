@@ -29,11 +29,22 @@ the step that read h' through W_hh, and the direct term `carry` below):
 A dead step passes dh through unchanged (carry = dh) and has dgx = dgh = 0.
 
 Both cells share the kernels below: `CELL` (a constexpr) picks the GRU or the RNN maths, so
-rnn.py only holds the RNN's entry point. Kernels work on (hidden, batch) tiles: hidden units on
+rnn.py only holds the RNN's entry points. Kernels work on (hidden, batch) tiles: hidden units on
 the MMA's M side, the small batch on N, padded to 16 with masks; one `tl.dot` per gate block.
-Backward launch for step t first completes dh for its units from the previous launch's dgh
-(dgh_{t+1} W_hh[:, j], a `tl.dot` over G*H), then does the pointwise part; a last launch with
-no step (HAS_STEP=False) forms dh0.
+The per-step maths is written once, as jit helpers (`_gru_cell`, `_gru_cell_bwd`, their loads
+and stores), for both strategies (DESIGN.md):
+
+stepwise, one launch per step: `_fwd_step_kernel`, `_bwd_step_kernel`. Backward launch for
+step t first completes dh for its units from the previous launch's dgh (dgh_{t+1} W_hh[:, j], a
+`tl.dot` over G*H), then does the pointwise part; a last launch with no step (HAS_STEP=False)
+forms dh0.
+
+persistent, one launch per sequence and direction: `_fwd_persistent_kernel` keeps its units'
+rows of W_hh on chip and loops over t, `_bwd_persistent_kernel` its units' columns; programs
+meet at a grid barrier each step, after which h_{t-1} (backward: dgh_{t+1}) of every unit is
+read from global memory. dh0 = carry + dgh_{t0} W_hh is one GEMM after the backward launch. The
+launchers run the stepwise kernels instead where the grid could not be co-resident
+(_common.launch_persistent).
 
 What forward keeps for backward (buffers in "time order": the state entering step t is index t,
 the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
@@ -55,19 +66,38 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._common import (
+    PERSISTENT_WARPS,
     _dot,
+    _dot_split,
+    _grid_barrier,
+    _live,
+    _load_split_a,
+    _load_split_b,
     _sigmoid,
     _tanh,
     acc_dtype,
     block_b,
     block_h,
     block_k,
+    device_props,
     dot_precision,
+    is_interpreter,
+    launch_persistent,
     new_output,
+    next_pow2,
     normalize,
+    persistent_tiles,
+    split_k,
 )
 
-__all__ = ["gru_recurrence", "GRURecurrence", "CELL_GRU", "CELL_RNN_TANH", "CELL_RNN_RELU"]
+__all__ = [
+    "gru_recurrence",
+    "gru_recurrence_persistent",
+    "GRURecurrence",
+    "CELL_GRU",
+    "CELL_RNN_TANH",
+    "CELL_RNN_RELU",
+]
 
 # values of the CELL constexpr
 CELL_GRU = 0
@@ -81,13 +111,93 @@ _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 
 @triton.jit
-def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
-    """(1, BLOCK_B) mask of the sequences for which step t is live (t < lengths[b])."""
-    if HAS_LEN:
-        b_len = tl.load(lengths + o_b, mask=m_b, other=0)
-        return (t < b_len)[None, :]
+def _gru_load_gx(p, m_hb, H, CELL: tl.constexpr, ACC: tl.constexpr):
+    """Input gates of one step, (BLOCK_H, BLOCK_B) each in ACC, p at gate block 0 of the tile:
+    GRU (r, z, n) blocks; RNN its one block three times (the last two unused)."""
+    b_g0 = tl.load(p, mask=m_hb, other=0.0).to(ACC)
+    if CELL == 0:
+        b_gz = tl.load(p + H, mask=m_hb, other=0.0).to(ACC)
+        b_gn = tl.load(p + 2 * H, mask=m_hb, other=0.0).to(ACC)
+        return b_g0, b_gz, b_gn
     else:
-        return m_b[None, :]
+        return b_g0, b_g0, b_g0
+
+
+@triton.jit
+def _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, CELL: tl.constexpr):
+    """One forward step from the input gates g, the recurrent products a (a_n includes b_hn)
+    and h = h_{t-1}. Returns (h', r, z, n) in ACC; the RNN returns h' four times."""
+    if CELL == 0:
+        b_r = _sigmoid(b_g0 + b_a0)
+        b_z = _sigmoid(b_gz + b_az)
+        b_n = _tanh(b_gn + b_r * b_an)
+        return b_n + b_z * (b_h - b_n), b_r, b_z, b_n
+    else:
+        if CELL == 1:
+            b_hnew = _tanh(b_g0 + b_a0)
+        else:
+            b_hnew = tl.maximum(b_g0 + b_a0, 0.0)
+        return b_hnew, b_hnew, b_hnew, b_hnew
+
+
+@triton.jit
+def _gru_store_ws(p, b_r, b_z, b_n, b_an, m_hb, H):
+    """r | z | n | hn of one step into its (B, 4H) slab of ws, p at block 0 of the tile."""
+    tl.store(p, b_r, mask=m_hb)
+    tl.store(p + H, b_z, mask=m_hb)
+    tl.store(p + 2 * H, b_n, mask=m_hb)
+    tl.store(p + 3 * H, b_an, mask=m_hb)
+
+
+@triton.jit
+def _gru_load_saved(ws, o_ws, p_h, p_hnew, m_hb, H, CELL: tl.constexpr, ACC: tl.constexpr):
+    """What backward reads of forward at one step: GRU (r, z, n, hn) at ws + o_ws and h_{t-1}
+    at p_h; RNN h' at p_hnew, in all five places (four unused). ws is None for the RNN."""
+    if CELL == 0:
+        p_ws = ws + o_ws
+        b_r = tl.load(p_ws, mask=m_hb, other=0.0)
+        b_z = tl.load(p_ws + H, mask=m_hb, other=0.0)
+        b_n = tl.load(p_ws + 2 * H, mask=m_hb, other=0.0)
+        b_hn = tl.load(p_ws + 3 * H, mask=m_hb, other=0.0)
+        b_h = tl.load(p_h, mask=m_hb, other=0.0).to(ACC)
+        return b_r, b_z, b_n, b_hn, b_h
+    else:
+        b_hnew = tl.load(p_hnew, mask=m_hb, other=0.0).to(ACC)
+        return b_hnew, b_hnew, b_hnew, b_hnew, b_hnew
+
+
+@triton.jit
+def _gru_cell_bwd(b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL: tl.constexpr):
+    """One backward step from dh (the gradient reaching h', dy included) and `_gru_load_saved`'s
+    values. Returns (dg0, dgz, dgn, dhn, carry): the gate pre-activation gradients (dgx blocks;
+    the RNN's one block three times), the gradient of W_hn h + b_hn, and the part of dh_{t-1}
+    that skips W_hh. A dead step gives zeros and carry = dh."""
+    if CELL == 0:
+        b_dn = tl.where(m_live, b_dh * (1.0 - b_z) * (1.0 - b_n * b_n), 0.0)
+        b_dz = tl.where(m_live, b_dh * (b_h - b_n) * b_z * (1.0 - b_z), 0.0)
+        b_dr = b_dn * b_hn * b_r * (1.0 - b_r)
+        b_carry = tl.where(m_live, b_dh * b_z, b_dh)
+        return b_dr, b_dz, b_dn, b_dn * b_r, b_carry
+    else:
+        b_hnew = b_r
+        if CELL == 1:
+            b_dpre = b_dh * (1.0 - b_hnew * b_hnew)
+        else:
+            b_dpre = tl.where(b_hnew > 0.0, b_dh, 0.0)
+        b_dpre = tl.where(m_live, b_dpre, 0.0)
+        return b_dpre, b_dpre, b_dpre, b_dpre, tl.where(m_live, 0.0, b_dh)
+
+
+@triton.jit
+def _gru_store_dgx(p_dgx, dhn, o_dhn, b_d0, b_dz, b_dn, b_dhn, m_hb, H, CELL: tl.constexpr):
+    """dgx blocks of one step at p_dgx (GRU r, z, n; RNN one) and the GRU's dhn at dhn + o_dhn,
+    cast to their dtype. dhn is None for the RNN."""
+    DT: tl.constexpr = p_dgx.dtype.element_ty
+    tl.store(p_dgx, b_d0.to(DT), mask=m_hb)
+    if CELL == 0:
+        tl.store(p_dgx + H, b_dz.to(DT), mask=m_hb)
+        tl.store(p_dgx + 2 * H, b_dn.to(DT), mask=m_hb)
+        tl.store(dhn + o_dhn, b_dhn.to(dhn.dtype.element_ty), mask=m_hb)
 
 
 @triton.jit
@@ -171,6 +281,7 @@ def _fwd_step_kernel(
     b_z0 = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
     b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
     b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0).to(ACC)
+    b_az, b_an = b_a0, b_a0  # the RNN has one gate block
     if CELL == 0:
         b_az = _mm_tile(
             b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
@@ -180,22 +291,11 @@ def _fwd_step_kernel(
         )
         if HAS_B_HN:
             b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
-        b_r = _sigmoid(tl.load(p_gx, mask=m_hb, other=0.0).to(ACC) + b_a0)
-        b_z = _sigmoid(tl.load(p_gx + H, mask=m_hb, other=0.0).to(ACC) + b_az)
-        b_n = _tanh(tl.load(p_gx + 2 * H, mask=m_hb, other=0.0).to(ACC) + b_r * b_an)
-        b_hnew = b_n + b_z * (b_h - b_n)
-        if STORE_WS:
-            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
-            tl.store(p_ws, b_r, mask=m_hb)
-            tl.store(p_ws + H, b_z, mask=m_hb)
-            tl.store(p_ws + 2 * H, b_n, mask=m_hb)
-            tl.store(p_ws + 3 * H, b_an, mask=m_hb)
-    else:
-        b_pre = tl.load(p_gx, mask=m_hb, other=0.0).to(ACC) + b_a0
-        if CELL == 1:
-            b_hnew = _tanh(b_pre)
-        else:
-            b_hnew = tl.maximum(b_pre, 0.0)
+    b_g0, b_gz, b_gn = _gru_load_gx(p_gx, m_hb, H, CELL, ACC)
+    b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, CELL)
+    if STORE_WS:
+        p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+        _gru_store_ws(p_ws, b_r, b_z, b_n, b_an, m_hb, H)
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     b_y = tl.where(m_live, b_hnew, 0.0)
@@ -264,36 +364,185 @@ def _bwd_step_kernel(
         # y_t is a constant 0 where the step is dead: its gradient goes nowhere
         b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
         b_dh += tl.where(m_live, b_dy, 0.0)
-        p_dgx = dgx + i_t * B * G * H + o_bg
-        if CELL == 0:
-            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
-            b_r = tl.load(p_ws, mask=m_hb, other=0.0)
-            b_z = tl.load(p_ws + H, mask=m_hb, other=0.0)
-            b_n = tl.load(p_ws + 2 * H, mask=m_hb, other=0.0)
-            b_hn = tl.load(p_ws + 3 * H, mask=m_hb, other=0.0)
-            b_h = tl.load(hs + s_in.to(tl.int64) * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
-            b_dn = tl.where(m_live, b_dh * (1.0 - b_z) * (1.0 - b_n * b_n), 0.0)
-            b_dz = tl.where(m_live, b_dh * (b_h - b_n) * b_z * (1.0 - b_z), 0.0)
-            b_dhn = b_dn * b_r
-            b_dr = b_dn * b_hn * b_r * (1.0 - b_r)
-            b_carry = tl.where(m_live, b_dh * b_z, b_dh)
-            tl.store(p_dgx, b_dr.to(dgx.dtype.element_ty), mask=m_hb)
-            tl.store(p_dgx + H, b_dz.to(dgx.dtype.element_ty), mask=m_hb)
-            tl.store(p_dgx + 2 * H, b_dn.to(dgx.dtype.element_ty), mask=m_hb)
-            tl.store(dhn + i_t * B * H + o_bh, b_dhn.to(dhn.dtype.element_ty), mask=m_hb)
-        else:
-            b_hnew = tl.load(hs + s_out.to(tl.int64) * B * H + o_bh, mask=m_hb, other=0.0)
-            b_hnew = b_hnew.to(ACC)
-            if CELL == 1:
-                b_dpre = b_dh * (1.0 - b_hnew * b_hnew)
-            else:
-                b_dpre = tl.where(b_hnew > 0.0, b_dh, 0.0)
-            b_dpre = tl.where(m_live, b_dpre, 0.0)
-            b_carry = tl.where(m_live, 0.0, b_dh)
-            tl.store(p_dgx, b_dpre.to(dgx.dtype.element_ty), mask=m_hb)
+        b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
+            ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+            hs + s_in.to(tl.int64) * B * H + o_bh, hs + s_out.to(tl.int64) * B * H + o_bh,
+            m_hb, H, CELL, ACC,
+        )  # fmt: skip
+        b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
+            b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+        )
+        _gru_store_dgx(
+            dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
+            m_hb, H, CELL,
+        )  # fmt: skip
         tl.store(carry + o_bh, b_carry, mask=m_hb)
     else:
         tl.store(dh0 + o_bh, b_dh.to(dh0.dtype.element_ty), mask=m_hb)
+
+
+@triton.heuristics(
+    {
+        "HAS_B_HN": lambda a: a["b_hn"] is not None,
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "STORE_WS": lambda a: a["ws"] is not None,
+    }
+)
+@triton.jit
+def _fwd_persistent_kernel(
+    gx,  # (T, B, G*H) input gates of every step, row blocks r | z | n (GRU)
+    hs,  # (T+1, B, H) states in time order: h0 in place; every state written, read back by all
+    w_hh,  # (G*H, H) row-major
+    b_hn,  # (H,) or None: the GRU's b_hh n block
+    lengths,  # (B,) int64 or None
+    y,  # (T, B, H) output
+    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward
+    cnt,  # (1,) int32, zeroed: the grid barrier's counter
+    T,
+    B,
+    H,
+    CELL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # power of two >= H: h W_hh^T is one split-K product over H
+    SPLIT_K: tl.constexpr,  # chunks of that reduction
+    HAS_B_HN: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    STORE_WS: tl.constexpr,
+):
+    """The whole forward sequence; program (i_h, i_b) owns units o_h of sequences o_b and keeps
+    its rows of W_hh on chip. Barrier s waits for s * num_programs arrivals."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    o_bh = o_b[None, :] * H + o_h[:, None]
+    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+
+    # rows o_h of every gate block of W_hh, split over H: loaded once, kept on chip
+    b_w0 = _load_split_a(w_hh, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
+    if CELL == 0:
+        b_wz = _load_split_a(w_hh + H * H, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
+        b_wn = _load_split_a(w_hh + 2 * H * H, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
+        if HAS_B_HN:
+            b_bhn = tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+        else:
+            b_bhn = tl.zeros([BLOCK_H, 1], dtype=ACC)
+    b_h = tl.load(hs + (T if REVERSE else 0) * B * H + o_bh, mask=m_hb, other=0.0)  # own units
+    # num_stages=1: no software pipelining, which could issue the next step's loads of
+    # other programs' data before that step's barrier
+    for s in tl.range(0, T, num_stages=1):
+        t = T - 1 - s if REVERSE else s
+        i_t = t.to(tl.int64)
+        s_in = i_t + 1 if REVERSE else i_t
+        s_out = i_t if REVERSE else i_t + 1
+        # this program's inputs of the step do not depend on the others: loaded before the wait
+        b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        if s > 0:
+            _grid_barrier(cnt, s * n_prog)  # h_{t-1} of every unit is written
+        b_ht = _load_split_b(hs + s_in * B * H, o_b, m_b, H, H, SPLIT_K, BLOCK_K)
+        b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
+        b_a0 = _dot_split(b_w0, b_ht, b_zero, DOT_PREC)
+        b_az, b_an = b_a0, b_a0  # the RNN has one gate block
+        if CELL == 0:
+            b_az = _dot_split(b_wz, b_ht, b_zero, DOT_PREC)
+            b_an = _dot_split(b_wn, b_ht, b_zero + b_bhn, DOT_PREC)
+        b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
+        if STORE_WS:
+            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+            _gru_store_ws(p_ws, b_r, b_z, b_n, b_an, m_hb, H)
+        b_hnew = b_hnew.to(hs.dtype.element_ty)
+        b_h = tl.where(m_live, b_hnew, b_h)
+        tl.store(hs + s_out * B * H + o_bh, b_h, mask=m_hb)
+        tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+
+
+@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.jit
+def _bwd_persistent_kernel(
+    dy,  # (T, B, H) gradient of y
+    hs,  # (T+1, B, H) states in time order (forward's)
+    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; None for the RNN
+    w_hh,  # (G*H, H) row-major
+    lengths,  # (B,) int64 or None
+    carry,  # (B, H) ACC, in/out: dh_T; on exit the part of dh_0 that skips W_hh
+    dgx,  # (T, B, G*H) out: dgx of every step, read back by all programs
+    dhn,  # (T, B, H) out, GRU: n block of dgh (r * dn_pre), read back by all; None for the RNN
+    cnt,  # (1,) int32, zeroed: the grid barrier's counter
+    T,
+    B,
+    H,
+    CELL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # power of two >= H: dgh_g W_hh[g] is one split-K product over H
+    SPLIT_K: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+):
+    """The whole reverse sequence; program (i_h, i_b) owns units o_h of sequences o_b and keeps
+    columns o_h of W_hh on chip. dh_0 = carry + dgh_{t0} W_hh is left to the caller (one GEMM)."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    o_bh = o_b[None, :] * H + o_h[:, None]
+    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+
+    # columns o_h of every gate block of W_hh (W_g^T rows), split over H: loaded once
+    b_wt0 = _load_split_a(w_hh, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
+    if CELL == 0:
+        b_wtz = _load_split_a(w_hh + H * H, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
+        b_wtn = _load_split_a(w_hh + 2 * H * H, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
+    b_carry = tl.load(carry + o_bh, mask=m_hb, other=0.0)
+    # num_stages=1: no software pipelining, which could issue the next step's loads of
+    # other programs' data before that step's barrier
+    for k in tl.range(0, T, num_stages=1):
+        t = k if REVERSE else T - 1 - k
+        i_t = t.to(tl.int64)
+        s_in = i_t + 1 if REVERSE else i_t
+        s_out = i_t if REVERSE else i_t + 1
+        # forward's buffers and dy: independent of the other programs, loaded before the wait
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+        b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
+            ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+            hs + s_in * B * H + o_bh, hs + s_out * B * H + o_bh, m_hb, H, CELL, ACC,
+        )  # fmt: skip
+        b_dh = b_carry
+        if k > 0:
+            _grid_barrier(cnt, k * n_prog)  # dgh_{t_next} of every unit is written
+            i_n = (t - 1 if REVERSE else t + 1).to(tl.int64)
+            p_dg = dgx + i_n * B * G * H
+            b_dg = _load_split_b(p_dg, o_b, m_b, G * H, H, SPLIT_K, BLOCK_K)
+            b_dh = _dot_split(b_wt0, b_dg, b_dh, DOT_PREC)
+            if CELL == 0:
+                b_dg = _load_split_b(p_dg + H, o_b, m_b, G * H, H, SPLIT_K, BLOCK_K)
+                b_dh = _dot_split(b_wtz, b_dg, b_dh, DOT_PREC)
+                b_dg = _load_split_b(dhn + i_n * B * H, o_b, m_b, H, H, SPLIT_K, BLOCK_K)
+                b_dh = _dot_split(b_wtn, b_dg, b_dh, DOT_PREC)
+        # y_t is a constant 0 where the step is dead: its gradient goes nowhere
+        b_dh += tl.where(m_live, b_dy, 0.0)
+        b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
+            b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+        )
+        _gru_store_dgx(
+            dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
+            m_hb, H, CELL,
+        )  # fmt: skip
+    tl.store(carry + o_bh, b_carry, mask=m_hb)
 
 
 # =========================================================================== launchers
@@ -319,8 +568,22 @@ def _tiles(B: int, H: int):
     return grid, meta, _NUM_WARPS
 
 
-def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store):
-    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None."""
+def _persistent_meta(B: int, H: int, device):
+    sm = 1 if is_interpreter() else device_props(device).sm_count
+    BLOCK_H, _, BLOCK_B, grid = persistent_tiles(H, B, 0, sm)
+    BLOCK_K = max(16, next_pow2(H))
+    meta = dict(
+        BLOCK_H=BLOCK_H, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+        SPLIT_K=split_k(BLOCK_K, PERSISTENT_WARPS),
+    )  # fmt: skip
+    return grid, meta
+
+
+def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
+    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None.
+
+    persistent=True: one persistent launch when it can run safely, else one launch per step.
+    """
     T, B, GH = gx.shape
     H = h0.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
@@ -328,19 +591,31 @@ def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store):
     hs = new_output((T + 1, B, H), dt, gx.device)
     hs[T if reverse else 0].copy_(h0)
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
+    kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
+    if persistent:
+        grid, meta = _persistent_meta(B, H, gx.device)
+        if launch_persistent(
+            _fwd_persistent_kernel, grid, barriers=T - 1, device=gx.device,
+            onchip_bytes=GH // H * meta["BLOCK_H"] * meta["BLOCK_K"] * gx.element_size(),
+            gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws, T=T, B=B, H=H,
+            REVERSE=reverse, **kw, **meta,
+        ):  # fmt: skip
+            return y, hs, ws
     grid, meta, warps = _tiles(B, H)
     for t in range(T - 1, -1, -1) if reverse else range(T):
         s_in, s_out = _slots(t, reverse)
         _fwd_step_kernel[grid](
             gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws,
-            t=t, s_in=s_in, s_out=s_out, B=B, H=H,
-            CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt), **meta, num_warps=warps,
+            t=t, s_in=s_in, s_out=s_out, B=B, H=H, **kw, **meta, num_warps=warps,
         )  # fmt: skip
     return y, hs, ws
 
 
-def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs):
-    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so)."""
+def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=False):
+    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so).
+
+    persistent=True: one persistent launch when it can run safely, else one launch per step.
+    """
     need_gx, need_h0, need_whh, need_bhn = needs
     T, B, H = dy.shape
     G = 3 if cell == CELL_GRU else 1
@@ -348,25 +623,41 @@ def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs):
     carry = torch.empty((B, H), dtype=acc, device=dy.device).copy_(dhT)
     dgx = new_output((T, B, G * H), dt, dy.device)
     dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
-    dh0 = new_output((B, H), dt, dy.device) if need_h0 else None
-    grid, meta, warps = _tiles(B, H)
-    common = dict(
-        dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn, dh0=dh0,
-        B=B, H=H, CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt), **meta,
-        num_warps=warps,
-    )  # fmt: skip
-    t_next = None
-    for t in range(T) if reverse else range(T - 1, -1, -1):
-        s_in, s_out = _slots(t, reverse)
-        _bwd_step_kernel[grid](
-            t=t, t_next=0 if t_next is None else t_next, s_in=s_in, s_out=s_out,
-            HAS_NEXT=t_next is not None, HAS_STEP=True, **common,
+    dh0 = None
+    kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
+    ran = False
+    if persistent:
+        grid, meta = _persistent_meta(B, H, dy.device)
+        ran = launch_persistent(
+            _bwd_persistent_kernel, grid, barriers=T - 1, device=dy.device,
+            onchip_bytes=G * meta["BLOCK_H"] * meta["BLOCK_K"] * dy.element_size(),
+            dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
+            T=T, B=B, H=H, REVERSE=reverse, **kw, **meta,
         )  # fmt: skip
-        t_next = t
-    if need_h0:
-        _bwd_step_kernel[grid](
-            t=0, t_next=t_next, s_in=0, s_out=0, HAS_NEXT=True, HAS_STEP=False, **common
-        )
+        if ran and need_h0:
+            # dh_0 = carry + dgh_{t0} W_hh, t0 the last step processed: one GEMM
+            t0 = T - 1 if reverse else 0
+            dgh = dgx[t0] if cell != CELL_GRU else torch.cat([dgx[t0, :, : 2 * H], dhn[t0]], 1)
+            dh0 = torch.addmm(carry, dgh.to(acc), w_hh.to(acc)).to(dt)
+    if not ran:
+        dh0 = new_output((B, H), dt, dy.device) if need_h0 else None
+        grid, meta, warps = _tiles(B, H)
+        common = dict(
+            dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
+            dh0=dh0, B=B, H=H, **kw, **meta, num_warps=warps,
+        )  # fmt: skip
+        t_next = None
+        for t in range(T) if reverse else range(T - 1, -1, -1):
+            s_in, s_out = _slots(t, reverse)
+            _bwd_step_kernel[grid](
+                t=t, t_next=0 if t_next is None else t_next, s_in=s_in, s_out=s_out,
+                HAS_NEXT=t_next is not None, HAS_STEP=True, **common,
+            )  # fmt: skip
+            t_next = t
+        if need_h0:
+            _bwd_step_kernel[grid](
+                t=0, t_next=t_next, s_in=0, s_out=0, HAS_NEXT=True, HAS_STEP=False, **common
+            )
     dw_hh = db_hn = None
     if need_whh:
         h_prev = (hs[1:] if reverse else hs[:-1]).reshape(T * B, H)
@@ -385,18 +676,23 @@ def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs):
 
 
 class GRURecurrence(torch.autograd.Function):
-    """(gx, h0, w_hh, b_hn, lengths, reverse, cell, store) -> (y, h_T), for the GRU and the RNN.
+    """(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent) -> (y, h_T), for the GRU
+    and the RNN.
 
     Inputs already normalised by `_recurrence` (contiguous, one dtype, checked shapes); `cell`
     is CELL_GRU, CELL_RNN_TANH or CELL_RNN_RELU (b_hn is None for the RNN); `store` says whether
-    a gradient will be asked for (forward then keeps the GRU's gates).
+    a gradient will be asked for (forward then keeps the GRU's gates); `persistent` picks the
+    persistent kernels (each direction of time falls back to the stepwise ones where they
+    cannot run safely).
     """
 
     @staticmethod
-    def forward(ctx, gx, h0, w_hh, b_hn, lengths, reverse, cell, store):
-        y, hs, ws = _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store)
+    def forward(ctx, gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
+        y, hs, ws = _forward(
+            cell, gx, h0, w_hh, b_hn, lengths, reverse, store, persistent=persistent
+        )
         h_T = hs[0 if reverse else gx.shape[0]].clone()
-        ctx.reverse, ctx.cell = reverse, cell
+        ctx.reverse, ctx.cell, ctx.persistent = reverse, cell, persistent
         if store:
             ctx.save_for_backward(hs, ws, w_hh, lengths)
         return y, h_T
@@ -407,12 +703,13 @@ class GRURecurrence(torch.autograd.Function):
         hs, ws, w_hh, lengths = ctx.saved_tensors
         dy, dhT = normalize(dy, dhT, dtype=hs.dtype)
         dgx, dh0, dw_hh, db_hn = _backward(
-            ctx.cell, dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.needs_input_grad[:4]
-        )
-        return dgx, dh0, dw_hh, db_hn, None, None, None, None
+            ctx.cell, dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.needs_input_grad[:4],
+            persistent=ctx.persistent,
+        )  # fmt: skip
+        return dgx, dh0, dw_hh, db_hn, None, None, None, None, None
 
 
-def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse):
+def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse, persistent=False):
     """Checks and normalises the inputs once, then runs GRURecurrence (GRU and RNN)."""
     G = 3 if cell == CELL_GRU else 1
     if gx.dim() != 3:
@@ -435,7 +732,9 @@ def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse):
     store = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (gx, h0, w_hh, b_hn)
     )
-    return GRURecurrence.apply(gx, h0, w_hh, b_hn, lengths, bool(reverse), cell, store)
+    return GRURecurrence.apply(
+        gx, h0, w_hh, b_hn, lengths, bool(reverse), cell, store, bool(persistent)
+    )
 
 
 def gru_recurrence(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
@@ -459,3 +758,12 @@ def gru_recurrence(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
         y, h_T = gru_recurrence(gx, h0, w_hh, b_hh[2 * H :])
     """
     return _recurrence(CELL_GRU, gx, h0, w_hh, b_hn, lengths, reverse)
+
+
+def gru_recurrence_persistent(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
+    """`gru_recurrence` with the persistent kernels: one launch for the whole sequence forward
+    and one backward. Same arguments, results and gradients. Where the grid could not be
+    co-resident on the device (or the weight slice does not fit on chip) it runs the stepwise
+    kernels instead, so it never risks a hang.
+    """
+    return _recurrence(CELL_GRU, gx, h0, w_hh, b_hn, lengths, reverse, persistent=True)

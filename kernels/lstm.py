@@ -28,12 +28,25 @@ from the step that read h') and dc the one reaching c':
 A dead step passes dh and dc through unchanged and has da = 0.
 
 Kernels work on (hidden, batch) tiles: hidden units on the MMA's M side, the (small) batch on N,
-padded to 16 with masks. Forward: `_lstm_fwd_cell_kernel` (all G gates of a block of units, one
-`tl.dot` per gate over h), plus `_lstm_fwd_proj_kernel` with proj_size. Backward:
+padded to 16 with masks. Two strategies (DESIGN.md) share the per-step maths, written once as
+jit helpers (`_lstm_cell`, `_lstm_cell_bwd`, gate block loads/stores):
+
+stepwise, one launch per step. Forward: `_lstm_fwd_cell_kernel` (all G gates of a block of
+units, one `tl.dot` per gate over h), plus `_lstm_fwd_proj_kernel` with proj_size. Backward:
 `_lstm_bwd_cell_kernel`, which without a projection also forms dh for its own units from the
 previous launch's da (dh = da_{t+1} W_hh[:, j], a `tl.dot` over G*H); with a projection
-`_lstm_bwd_dh_kernel` forms dh over the P columns first. The weight gradients are single GEMMs
-after the time loop.
+`_lstm_bwd_dh_kernel` forms dh over the P columns first.
+
+persistent, one launch per sequence and direction: `_lstm_fwd_persistent_kernel` and
+`_lstm_bwd_persistent_kernel`. A program loads its slice of W_hh (forward: its units' rows of
+every gate block; backward: its units' columns) once, keeps c (dc, dh) in registers and loops
+over t; programs meet at a grid barrier each step, after which h_{t-1} (backward: da_{t+1}) of
+all units is read from global memory. With a projection a step has two phases and two
+barriers: forward m_t for the unit block, then h_t = m_t W_hr^T for a block of P rows;
+backward dh_t over a block of P, then dm = dh_t W_hr for the unit block. The launcher falls
+back to the stepwise kernels when the grid could not be co-resident (_common.launch_persistent).
+
+The weight gradients are single GEMMs after the time loop, whichever strategy ran.
 
 What forward keeps for backward (buffers in "time order": the state entering step t is index t,
 the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
@@ -54,20 +67,32 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._common import (
+    PERSISTENT_WARPS,
     _dot,
+    _dot_split,
+    _grid_barrier,
+    _live,
+    _load_split_a,
+    _load_split_b,
     _sigmoid,
     _tanh,
     acc_dtype,
     block_b,
     block_h,
     block_k,
+    device_props,
     dot_precision,
+    is_interpreter,
+    launch_persistent,
     new_output,
+    next_pow2,
     normalize,
     num_warps,
+    persistent_tiles,
+    split_k,
 )
 
-__all__ = ["lstm_recurrence", "LSTMRecurrence"]
+__all__ = ["lstm_recurrence", "lstm_recurrence_persistent", "LSTMRecurrence"]
 
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
@@ -76,13 +101,100 @@ _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 
 @triton.jit
-def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
-    """(1, BLOCK_B) mask of the sequences for which step t is live (t < lengths[b])."""
-    if HAS_LEN:
-        b_len = tl.load(lengths + o_b, mask=m_b, other=0)
-        return (t < b_len)[None, :]
+def _load_gate_blocks(p, m_hb, H, COUPLED: tl.constexpr, ACC: tl.constexpr):
+    """The G gate blocks (i, f, g, o) of one step's (B, G*H) slab, p at gate block 0 of the tile.
+
+    (BLOCK_H, BLOCK_B) each in ACC; without an i block (coupled) the f block stands in for it.
+    """
+    GF: tl.constexpr = 0 if COUPLED else 1
+    b_f = tl.load(p + GF * H, mask=m_hb, other=0.0).to(ACC)
+    b_g = tl.load(p + (GF + 1) * H, mask=m_hb, other=0.0).to(ACC)
+    b_o = tl.load(p + (GF + 2) * H, mask=m_hb, other=0.0).to(ACC)
+    if COUPLED:
+        b_i = b_f
     else:
-        return m_b[None, :]
+        b_i = tl.load(p, mask=m_hb, other=0.0).to(ACC)
+    return b_i, b_f, b_g, b_o
+
+
+@triton.jit
+def _store_gate_blocks(p, b_i, b_f, b_g, b_o, m_hb, H, COUPLED: tl.constexpr):
+    """Stores the G gate blocks into one step's (B, G*H) slab (cast to its dtype)."""
+    DT: tl.constexpr = p.dtype.element_ty
+    GF: tl.constexpr = 0 if COUPLED else 1
+    if not COUPLED:
+        tl.store(p, b_i.to(DT), mask=m_hb)
+    tl.store(p + GF * H, b_f.to(DT), mask=m_hb)
+    tl.store(p + (GF + 1) * H, b_g.to(DT), mask=m_hb)
+    tl.store(p + (GF + 2) * H, b_o.to(DT), mask=m_hb)
+
+
+@triton.jit
+def _lstm_peepholes(
+    w_ch, o_h, m_h, H, COUPLED: tl.constexpr, HAS_PEEP: tl.constexpr, ACC: tl.constexpr
+):
+    """(BLOCK_H, 1) peephole weights (p_i, p_f, p_o) of units o_h; p_i = p_f (unused) when
+    coupled; scalar zeros (unused) without peepholes."""
+    if HAS_PEEP:
+        PF: tl.constexpr = 0 if COUPLED else 1  # blocks of w_ch: (i, f, o) or (f, o)
+        b_pf = tl.load(w_ch + PF * H + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+        b_po = tl.load(w_ch + (PF + 1) * H + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+        if COUPLED:
+            b_pi = b_pf
+        else:
+            b_pi = tl.load(w_ch + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+        return b_pi, b_pf, b_po
+    else:
+        return 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _lstm_cell(b_ai, b_af, b_ag, b_ao, b_cp, b_pi, b_pf, b_po, COUPLED: tl.constexpr,
+               HAS_PEEP: tl.constexpr):  # fmt: skip
+    """One forward step from the pre-activations a = gx_t + h W_hh^T and c = c_{t-1}.
+
+    Returns the activated gates (i, f, g, o), c' and m = o tanh(c'), in ACC (file docstring).
+    """
+    if HAS_PEEP:
+        b_af += b_pf * b_cp
+    b_f = _sigmoid(b_af)
+    if COUPLED:
+        b_i = 1.0 - b_f
+    else:
+        if HAS_PEEP:
+            b_ai += b_pi * b_cp
+        b_i = _sigmoid(b_ai)
+    b_g = _tanh(b_ag)
+    b_c = b_f * b_cp + b_i * b_g
+    if HAS_PEEP:
+        b_ao += b_po * b_c
+    b_o = _sigmoid(b_ao)
+    return b_i, b_f, b_g, b_o, b_c, b_o * _tanh(b_c)
+
+
+@triton.jit
+def _lstm_cell_bwd(b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po,
+                   COUPLED: tl.constexpr, HAS_PEEP: tl.constexpr):  # fmt: skip
+    """One backward step: dm (gradient of m) and dc (reaching c') with forward's gates, c_{t-1}
+    and c'. Returns (da_i, da_f, da_g, da_o, dc_{t-1}); da_i = da_f (unused) when coupled."""
+    b_tc = _tanh(b_c)
+    b_dao = b_dm * b_tc * b_o * (1.0 - b_o)
+    b_dc = b_dc + b_dm * b_o * (1.0 - b_tc * b_tc)
+    if HAS_PEEP:
+        b_dc += b_po * b_dao
+    b_dag = b_dc * b_i * (1.0 - b_g * b_g)
+    if COUPLED:
+        b_daf = b_dc * (b_cp - b_g) * b_f * (1.0 - b_f)
+        b_dai = b_daf
+    else:
+        b_daf = b_dc * b_cp * b_f * (1.0 - b_f)
+        b_dai = b_dc * b_g * b_i * (1.0 - b_i)
+    b_dcp = b_dc * b_f
+    if HAS_PEEP:
+        b_dcp += b_pf * b_daf
+        if not COUPLED:
+            b_dcp += b_pi * b_dai
+    return b_dai, b_daf, b_dag, b_dao, b_dcp
 
 
 @triton.jit
@@ -206,39 +318,18 @@ def _lstm_fwd_cell_kernel(
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]  # gate 0 of (T, B, G*H)
     o_c = o_b[None, :] * H + o_h[:, None]  # within one (B, H) slice
-    b_af += tl.load(gx + o_gx + GF * H, mask=m_hb).to(ACC)
-    b_ag += tl.load(gx + o_gx + GG * H, mask=m_hb).to(ACC)
-    b_ao += tl.load(gx + o_gx + GO * H, mask=m_hb).to(ACC)
+    b_gi, b_gf, b_gg, b_go = _load_gate_blocks(gx + o_gx, m_hb, H, COUPLED, ACC)
     b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
-    if HAS_PEEP:
-        PF: tl.constexpr = 0 if COUPLED else 1  # peephole blocks of w_ch
-        b_pf = tl.load(w_ch + PF * H + o_h, mask=m_h).to(ACC)[:, None]
-        b_po = tl.load(w_ch + (PF + 1) * H + o_h, mask=m_h).to(ACC)[:, None]
-        b_af += b_pf * b_cp
-    b_f = _sigmoid(b_af)
-    if COUPLED:
-        b_i = 1.0 - b_f
-    else:
-        b_ai += tl.load(gx + o_gx + GI * H, mask=m_hb).to(ACC)
-        if HAS_PEEP:
-            b_pi = tl.load(w_ch + o_h, mask=m_h).to(ACC)[:, None]
-            b_ai += b_pi * b_cp
-        b_i = _sigmoid(b_ai)
-    b_g = _tanh(b_ag)
-    b_c = b_f * b_cp + b_i * b_g
-    if HAS_PEEP:
-        b_ao += b_po * b_c
-    b_o = _sigmoid(b_ao)
-    b_m = b_o * _tanh(b_c)
+    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
+    b_i, b_f, b_g, b_o, b_c, b_m = _lstm_cell(
+        b_ai + b_gi, b_af + b_gf, b_ag + b_gg, b_ao + b_go, b_cp, b_pi, b_pf, b_po,
+        COUPLED, HAS_PEEP,
+    )  # fmt: skip
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
     if STORE_GATES:
-        if not COUPLED:
-            tl.store(gates + o_gx + GI * H, b_i, mask=m_hb)
-        tl.store(gates + o_gx + GF * H, b_f, mask=m_hb)
-        tl.store(gates + o_gx + GG * H, b_g, mask=m_hb)
-        tl.store(gates + o_gx + GO * H, b_o, mask=m_hb)
+        _store_gate_blocks(gates + o_gx, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
     if HAS_PROJ:
         # _lstm_fwd_proj_kernel applies the lengths to h and y
         tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
@@ -383,10 +474,6 @@ def _lstm_bwd_cell_kernel(
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
 ):
-    GI: tl.constexpr = 0
-    GF: tl.constexpr = 0 if COUPLED else 1
-    GG: tl.constexpr = GF + 1
-    GO: tl.constexpr = GF + 2
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -426,46 +513,263 @@ def _lstm_bwd_cell_kernel(
         b_dm += tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
-    b_f = tl.load(gates + o_gx + GF * H, mask=m_hb, other=0.0)
-    b_g = tl.load(gates + o_gx + GG * H, mask=m_hb, other=0.0)
-    b_o = tl.load(gates + o_gx + GO * H, mask=m_hb, other=0.0)
+    b_i, b_f, b_g, b_o = _load_gate_blocks(gates + o_gx, m_hb, H, COUPLED, ACC)
     if COUPLED:
         b_i = 1.0 - b_f
-    else:
-        b_i = tl.load(gates + o_gx + GI * H, mask=m_hb, other=0.0)
     b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
     b_c = tl.load(cs + s_out * B * H + o_c, mask=m_hb, other=0.0)
     b_dc_in = tl.load(dc + o_c, mask=m_hb, other=0.0)
-
-    b_tc = _tanh(b_c)
-    b_dao = b_dm * b_tc * b_o * (1.0 - b_o)
-    b_dc = b_dc_in + b_dm * b_o * (1.0 - b_tc * b_tc)
-    if HAS_PEEP:
-        PF: tl.constexpr = 0 if COUPLED else 1
-        b_pf = tl.load(w_ch + PF * H + o_h, mask=m_h).to(ACC)[:, None]
-        b_po = tl.load(w_ch + (PF + 1) * H + o_h, mask=m_h).to(ACC)[:, None]
-        b_dc += b_po * b_dao
-    b_dag = b_dc * b_i * (1.0 - b_g * b_g)
-    if COUPLED:
-        b_daf = b_dc * (b_cp - b_g) * b_f * (1.0 - b_f)
-    else:
-        b_daf = b_dc * b_cp * b_f * (1.0 - b_f)
-        b_dai = b_dc * b_g * b_i * (1.0 - b_i)
-    b_dcp = b_dc * b_f
-    if HAS_PEEP:
-        b_dcp += b_pf * b_daf
-        if not COUPLED:
-            b_pi = tl.load(w_ch + o_h, mask=m_h).to(ACC)[:, None]
-            b_dcp += b_pi * b_dai
+    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
+    b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
+        b_dm, b_dc_in, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+    )
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     tl.store(dc + o_c, tl.where(m_live, b_dcp, b_dc_in), mask=m_hb)
-    DT: tl.constexpr = dgx.dtype.element_ty
+    _store_gate_blocks(
+        dgx + o_gx, tl.where(m_live, b_dai, 0.0), tl.where(m_live, b_daf, 0.0),
+        tl.where(m_live, b_dag, 0.0), tl.where(m_live, b_dao, 0.0), m_hb, H, COUPLED,
+    )  # fmt: skip
+
+
+@triton.heuristics(
+    {
+        "HAS_PEEP": lambda a: a["w_ch"] is not None,
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_PROJ": lambda a: a["w_hr"] is not None,
+        "STORE_GATES": lambda a: a["gates"] is not None,
+    }
+)
+@triton.jit
+def _lstm_fwd_persistent_kernel(
+    gx,  # (T, B, G*H) input dtype: x W_ih^T + b_ih + b_hh, gate row blocks in G order
+    hs,  # (T+1, B, R) input dtype: the initial state in place; every state written
+    cs,  # (T+1, B, H) ACC: the initial cell state in place; every c written
+    y,  # (T, B, R) input dtype
+    gates,  # (T, B, G*H) ACC or None: activated gates, kept for backward
+    ms,  # (T, B, H) input dtype, with projection: m of every step (read back by all programs)
+    w_hh,  # (G*H, R) input dtype
+    w_hr,  # (P, H) input dtype or None
+    w_ch,  # (3*H,) (i, f, o), or (2*H,) (f, o) when coupled, input dtype, or None
+    lengths,  # (B,) int64 or None
+    cnt,  # (1,) int32, zeroed: the grid barrier's counter
+    T,
+    B,
+    H,
+    R,
+    G: tl.constexpr,
+    COUPLED: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # units (all gates) per program
+    BLOCK_P: tl.constexpr,  # rows of h per program, with projection
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # power of two >= R: h W_hh^T is one split-K product over R
+    BLOCK_HK: tl.constexpr,  # power of two >= H: m W_hr^T is one split-K product over H
+    SPLIT_R: tl.constexpr,  # chunks of the reduction over R
+    SPLIT_HK: tl.constexpr,  # chunks of the reduction over H
+    HAS_PEEP: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    STORE_GATES: tl.constexpr,
+):
+    """The whole forward sequence; program (i_u, i_b) owns units o_h (with projection also rows
+    o_q of h) of sequences o_b. Barrier k (1-based) waits for k * num_programs arrivals."""
+    GF: tl.constexpr = 0 if COUPLED else 1
+    PH: tl.constexpr = 2 if HAS_PROJ else 1  # barriers per step
+    i_u, i_b = tl.program_id(0), tl.program_id(1)
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    o_h = i_u * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+
+    # rows o_h of every gate block of W_hh, split over R: loaded once, kept on chip
     if not COUPLED:
-        tl.store(dgx + o_gx + GI * H, tl.where(m_live, b_dai, 0.0).to(DT), mask=m_hb)
-    tl.store(dgx + o_gx + GF * H, tl.where(m_live, b_daf, 0.0).to(DT), mask=m_hb)
-    tl.store(dgx + o_gx + GG * H, tl.where(m_live, b_dag, 0.0).to(DT), mask=m_hb)
-    tl.store(dgx + o_gx + GO * H, tl.where(m_live, b_dao, 0.0).to(DT), mask=m_hb)
+        b_wi = _load_split_a(w_hh, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
+    b_wf = _load_split_a(w_hh + GF * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
+    b_wg = _load_split_a(w_hh + (GF + 1) * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
+    b_wo = _load_split_a(w_hh + (GF + 2) * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
+    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
+    if HAS_PROJ:
+        # rows o_q of W_hr, split over H: this program's rows of h = m W_hr^T
+        o_q = i_u * BLOCK_P + tl.arange(0, BLOCK_P)
+        m_q = o_q < R
+        b_wr = _load_split_a(w_hr, o_q, m_q, H, 1, H, SPLIT_HK, BLOCK_HK)
+    else:
+        o_q, m_q = o_h, m_h
+    m_qb = m_q[:, None] & m_b[None, :]
+    o_hq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
+    o_c = o_b[None, :] * H + o_h[:, None]  # ... of a (B, H) slab
+    o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of a (B, G*H) slab
+
+    s0 = T if REVERSE else 0
+    b_c = tl.load(cs + s0 * B * H + o_c, mask=m_hb, other=0.0)  # c, ACC, kept in registers
+    b_h = tl.load(hs + s0 * B * R + o_hq, mask=m_qb, other=0.0)  # own rows of h
+    # num_stages=1: no software pipelining, which could issue the next step's loads of
+    # other programs' data before that step's barrier
+    for s in tl.range(0, T, num_stages=1):
+        t = T - 1 - s if REVERSE else s
+        t64 = t.to(tl.int64)
+        s_in = t64 + 1 if REVERSE else t64
+        s_out = t64 if REVERSE else t64 + 1
+        # this program's inputs of the step do not depend on the others: loaded before the wait
+        p_gx = gx + t64 * B * G * H + o_g
+        b_ai, b_af, b_ag, b_ao = _load_gate_blocks(p_gx, m_hb, H, COUPLED, ACC)
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        if s > 0:
+            _grid_barrier(cnt, PH * s * n_prog)  # h_{t-1} of every unit is written
+        b_ht = _load_split_b(hs + s_in * B * R, o_b, m_b, R, R, SPLIT_R, BLOCK_R)
+        if not COUPLED:
+            b_ai = _dot_split(b_wi, b_ht, b_ai, DOT_PREC)
+        b_af = _dot_split(b_wf, b_ht, b_af, DOT_PREC)
+        b_ag = _dot_split(b_wg, b_ht, b_ag, DOT_PREC)
+        b_ao = _dot_split(b_wo, b_ht, b_ao, DOT_PREC)
+        b_i, b_f, b_g, b_o, b_cn, b_m = _lstm_cell(
+            b_ai, b_af, b_ag, b_ao, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+        )
+        b_c = tl.where(m_live, b_cn, b_c)
+        tl.store(cs + s_out * B * H + o_c, b_c, mask=m_hb)
+        if STORE_GATES:
+            _store_gate_blocks(gates + t64 * B * G * H + o_g, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
+        if HAS_PROJ:
+            p_m = ms + t64 * B * H
+            tl.store(p_m + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
+            _grid_barrier(cnt, (PH * s + 1) * n_prog)  # m_t of every unit is written
+            b_mt = _load_split_b(p_m, o_b, m_b, H, H, SPLIT_HK, BLOCK_HK)
+            b_hn = _dot_split(b_wr, b_mt, tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), DOT_PREC)
+        else:
+            b_hn = b_m
+        b_hn = b_hn.to(hs.dtype.element_ty)
+        b_h = tl.where(m_live, b_hn, b_h)
+        tl.store(hs + s_out * B * R + o_hq, b_h, mask=m_qb)
+        tl.store(y + t64 * B * R + o_hq, tl.where(m_live, b_hn, 0.0), mask=m_qb)
+
+
+@triton.heuristics(
+    {
+        "HAS_PEEP": lambda a: a["w_ch"] is not None,
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_PROJ": lambda a: a["w_hr"] is not None,
+    }
+)
+@triton.jit
+def _lstm_bwd_persistent_kernel(
+    dgx,  # (T, B, G*H) input dtype, out: da of every step (zero when dead), read back by all
+    gates,  # (T, B, G*H) ACC: activated gates from forward
+    cs,  # (T+1, B, H) ACC: cell states in time order
+    dh,  # (B, R) ACC, in/out: dh_T; on exit the gradient reaching the state after the last step
+    dc,  # (B, H) ACC, in/out: dc_T; on exit dc_0
+    dy,  # (T, B, R) input dtype
+    dhs,  # (T, B, P) input dtype, out, with projection: total gradient of h_t (read back by all)
+    w_hh,  # (G*H, R) input dtype
+    w_hr,  # (P, H) input dtype or None
+    w_ch,  # (3*H,) or (2*H,) input dtype, or None: peepholes
+    lengths,  # (B,) int64 or None
+    cnt,  # (1,) int32, zeroed: the grid barrier's counter
+    T,
+    B,
+    H,
+    R,
+    G: tl.constexpr,
+    COUPLED: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # power of two >= R: dm = dh W_hr is one split-K product over P
+    BLOCK_HK: tl.constexpr,  # power of two >= H: da_g W_hh[g] is one split-K product over H
+    SPLIT_R: tl.constexpr,
+    SPLIT_HK: tl.constexpr,
+    HAS_PEEP: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+):
+    """The whole reverse sequence; program (i_u, i_b) owns units o_h and columns o_q of W_hh
+    (o_q = o_h without projection) for sequences o_b."""
+    GF: tl.constexpr = 0 if COUPLED else 1
+    PH: tl.constexpr = 2 if HAS_PROJ else 1
+    BLOCK_Q: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_H
+    i_u, i_b = tl.program_id(0), tl.program_id(1)
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    o_h = i_u * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_q = i_u * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_q, m_b = o_h < H, o_q < R, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    m_qb = m_q[:, None] & m_b[None, :]
+
+    # columns o_q of every gate block of W_hh (W_g^T rows), split over H: loaded once
+    if not COUPLED:
+        b_wti = _load_split_a(w_hh, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
+    b_wtf = _load_split_a(w_hh + GF * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
+    b_wtg = _load_split_a(w_hh + (GF + 1) * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
+    b_wto = _load_split_a(w_hh + (GF + 2) * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
+    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
+    if HAS_PROJ:
+        # columns o_h of W_hr (W_hr^T rows), split over P: dm = dh W_hr for units o_h
+        b_wrt = _load_split_a(w_hr, o_h, m_h, 1, H, R, SPLIT_R, BLOCK_R)
+    o_dq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
+    o_c = o_b[None, :] * H + o_h[:, None]
+    o_g = o_b[None, :] * (G * H) + o_h[:, None]
+
+    b_dh = tl.load(dh + o_dq, mask=m_qb, other=0.0)  # gradient reaching h after the step, ACC
+    b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
+    # num_stages=1: no software pipelining, which could issue the next step's loads of
+    # other programs' data before that step's barrier
+    for k in tl.range(0, T, num_stages=1):
+        t = k if REVERSE else T - 1 - k
+        t64 = t.to(tl.int64)
+        s_in = t64 + 1 if REVERSE else t64
+        s_out = t64 if REVERSE else t64 + 1
+        # forward's buffers and dy: independent of the other programs, loaded before the wait
+        p_gates = gates + t64 * B * G * H + o_g
+        b_i, b_f, b_g, b_o = _load_gate_blocks(p_gates, m_hb, H, COUPLED, ACC)
+        if COUPLED:
+            b_i = 1.0 - b_f
+        b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
+        b_c = tl.load(cs + s_out * B * H + o_c, mask=m_hb, other=0.0)
+        b_dy = tl.load(dy + t64 * B * R + o_dq, mask=m_qb, other=0.0).to(ACC)
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        if k > 0:
+            _grid_barrier(cnt, PH * k * n_prog)  # da_{t_next} of every unit is written
+            t_next = t - 1 if REVERSE else t + 1
+            p_da = dgx + t_next.to(tl.int64) * B * G * H
+            b_rec = tl.zeros([BLOCK_Q, BLOCK_B], dtype=ACC)
+            if not COUPLED:
+                b_da = _load_split_b(p_da, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
+                b_rec = _dot_split(b_wti, b_da, b_rec, DOT_PREC)
+            b_da = _load_split_b(p_da + GF * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
+            b_rec = _dot_split(b_wtf, b_da, b_rec, DOT_PREC)
+            b_da = _load_split_b(p_da + (GF + 1) * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
+            b_rec = _dot_split(b_wtg, b_da, b_rec, DOT_PREC)
+            b_da = _load_split_b(p_da + (GF + 2) * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
+            b_rec = _dot_split(b_wto, b_da, b_rec, DOT_PREC)
+            # a dead step t_next passed dh through unchanged
+            b_dh = tl.where(_live(lengths, t_next, o_b, m_b, HAS_LEN), b_rec, b_dh)
+        if HAS_PROJ:
+            p_dh = dhs + t64 * B * R
+            b_dq = tl.where(m_live, b_dh + b_dy, 0.0)
+            tl.store(p_dh + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
+            _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dh_t of every row of h is written
+            b_dht = _load_split_b(p_dh, o_b, m_b, R, R, SPLIT_R, BLOCK_R)
+            b_dm = _dot_split(b_wrt, b_dht, tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), DOT_PREC)
+        else:
+            b_dm = b_dh + b_dy
+        b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
+            b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+        )
+        b_dc = tl.where(m_live, b_dcp, b_dc)
+        _store_gate_blocks(
+            dgx + t64 * B * G * H + o_g, tl.where(m_live, b_dai, 0.0),
+            tl.where(m_live, b_daf, 0.0), tl.where(m_live, b_dag, 0.0),
+            tl.where(m_live, b_dao, 0.0), m_hb, H, COUPLED,
+        )  # fmt: skip
+    tl.store(dh + o_dq, b_dh, mask=m_qb)
+    tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
 # =========================================================================== launchers
@@ -476,8 +780,38 @@ def _state_index(T: int, reverse: bool) -> tuple[int, int]:
     return (T, 0) if reverse else (0, T)
 
 
-def _lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates):
-    """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring)."""
+def _persistent_tiles(H: int, B: int, P: int, device):
+    sm = 1 if is_interpreter() else device_props(device).sm_count
+    return persistent_tiles(H, B, P, sm)
+
+
+def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled):
+    """One persistent launch over the sequence; False (nothing run) if it cannot run safely."""
+    T, B, GH = gx.shape
+    G = 3 if coupled else 4
+    H, R = GH // G, w_hh.shape[1]
+    proj = w_hr is not None
+    BLOCK_H, BLOCK_P, BLOCK_B, grid = _persistent_tiles(H, B, R if proj else 0, gx.device)
+    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
+    onchip = G * BLOCK_H * BLOCK_R + (BLOCK_P * BLOCK_HK if proj else 0)
+    return launch_persistent(
+        _lstm_fwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
+        onchip_bytes=onchip * gx.element_size(), device=gx.device,
+        gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
+        lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled, REVERSE=reverse,
+        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype), BLOCK_H=BLOCK_H,
+        BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
+        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
+    )  # fmt: skip
+
+
+def _lstm_fwd(
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, *, persistent=False
+):
+    """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring).
+
+    persistent=True: one persistent launch when it can run safely, else the stepwise loop.
+    """
     T, B, GH = gx.shape
     G = 3 if coupled else 4
     H, R = GH // G, w_hh.shape[1]
@@ -491,6 +825,10 @@ def _lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gat
     y = new_output((T, B, R), dt, dev)
     gates = new_output((T, B, GH), acc, dev) if store_gates else None
     ms = new_output((T, B, H), dt, dev) if w_hr is not None else None
+    if persistent and _lstm_fwd_persistent(
+        gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled
+    ):
+        return y, hs, cs, gates, ms
 
     BLOCK_B = block_b(B)
     n_b = triton.cdiv(B, BLOCK_B)
@@ -522,21 +860,64 @@ def _lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gat
     return y, hs, cs, gates, ms
 
 
-def _lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs):
-    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed)."""
+def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
+                         coupled):  # fmt: skip
+    """One persistent launch over the reversed sequence; False (nothing run) if it cannot run
+    safely. Leaves in dh and dc what the stepwise loop leaves there."""
     T, B, GH = gates.shape
     G = 3 if coupled else 4
     H, R = GH // G, w_hh.shape[1]
+    proj = w_hr is not None
+    BLOCK_H, BLOCK_P, BLOCK_B, grid = _persistent_tiles(H, B, R if proj else 0, dy.device)
+    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
+    onchip = G * (BLOCK_P if proj else BLOCK_H) * BLOCK_HK + (BLOCK_H * BLOCK_R if proj else 0)
+    return launch_persistent(
+        _lstm_bwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
+        onchip_bytes=onchip * dy.element_size(), device=dy.device,
+        dgx=dgx, gates=gates, cs=cs, dh=dh, dc=dc, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
+        w_ch=w_ch, lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled,
+        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype),
+        BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
+        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
+    )  # fmt: skip
+
+
+def _lstm_bwd(
+    dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs, *,
+    persistent=False,
+):  # fmt: skip
+    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed).
+
+    persistent=True: one persistent launch when it can run safely, else the stepwise loop.
+    """
+    T, B, GH = gates.shape
+    R = w_hh.shape[1]
     dt, acc = hs.dtype, cs.dtype
     dev = hs.device
-    need_gx, need_h0, need_c0, need_whh, need_whr, need_wch = needs
 
     dgx = new_output((T, B, GH), dt, dev)
     # (B, R) and (B, H), updated in place by the kernels: always fresh copies, never the caller's
     dh = dhT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dc = dcT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dhs = new_output((T, B, R), dt, dev) if w_hr is not None else None
+    if not (
+        persistent
+        and _lstm_bwd_persistent(
+            dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse, coupled
+        )
+    ):
+        _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
+                           coupled)  # fmt: skip
+    return _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs)
 
+
+def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
+                       coupled):  # fmt: skip
+    """One launch (two with a projection) per step, reverse time order."""
+    T, B, GH = gates.shape
+    G = 3 if coupled else 4
+    H, R = GH // G, w_hh.shape[1]
+    dt, acc = dy.dtype, cs.dtype
     BLOCK_B = block_b(B)
     n_b = triton.cdiv(B, BLOCK_B)
     BLOCK_H = block_h(H, n_b)
@@ -567,7 +948,15 @@ def _lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, revers
             w_ch=w_ch, lengths=lengths, t=t, B=B, H=H, R=R, USE_NEXT=use_next, **cell_kw,
         )  # fmt: skip
 
-    # The weight gradients are one GEMM / reduction over all steps (dead steps have da = 0).
+
+def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs):
+    """After the reverse loop: dh0, dc0 and the weight gradients, one GEMM / reduction each over
+    all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)."""
+    T, B, GH = dgx.shape
+    G = 3 if coupled else 4
+    H, R = GH // G, w_hh.shape[1]
+    dt, acc = hs.dtype, cs.dtype
+    need_gx, need_h0, need_c0, need_whh, need_whr, need_wch = needs
     h_prev = hs[1:] if reverse else hs[:-1]  # (T, B, R): the state each step read
     c_prev = cs[1:] if reverse else cs[:-1]
     c_new = cs[:-1] if reverse else cs[1:]
@@ -597,20 +986,23 @@ def _lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, revers
 
 
 class LSTMRecurrence(torch.autograd.Function):
-    """(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled) -> (y, h_T, c_T).
+    """(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent)
+    -> (y, h_T, c_T).
 
-    Inputs already normalised by `lstm_recurrence` (contiguous, one dtype, checked shapes).
+    Inputs already normalised by `_recurrence` (contiguous, one dtype, checked shapes);
+    `persistent` picks the persistent kernels (forward and backward each fall back to the
+    stepwise ones where they cannot run safely).
     """
 
     @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store):
+    def forward(ctx, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
         y, hs, cs, gates, ms = _lstm_fwd(
-            gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
+            gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent=persistent
         )
         _, sT = _state_index(gx.shape[0], reverse)
         h_T = hs[sT].clone()
         c_T = cs[sT].to(gx.dtype, copy=True)
-        ctx.reverse, ctx.coupled = reverse, coupled
+        ctx.reverse, ctx.coupled, ctx.persistent = reverse, coupled, persistent
         if store:
             ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths)
         return y, h_T, c_T
@@ -622,29 +1014,13 @@ class LSTMRecurrence(torch.autograd.Function):
         dy, dhT, dcT = normalize(dy, dhT, dcT, dtype=hs.dtype)
         dgx, dh0, dc0, dw_hh, dw_hr, dw_ch = _lstm_bwd(
             dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths,
-            ctx.reverse, ctx.coupled, ctx.needs_input_grad[:6],
+            ctx.reverse, ctx.coupled, ctx.needs_input_grad[:6], persistent=ctx.persistent,
         )  # fmt: skip
-        return dgx, dh0, dc0, dw_hh, dw_hr, dw_ch, None, None, None, None
+        return dgx, dh0, dc0, dw_hh, dw_hr, dw_ch, None, None, None, None, None
 
 
-def lstm_recurrence(
-    gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, lengths=None, reverse=False
-):
-    """The LSTM recurrence of one layer and direction, in fused Triton kernels.
-
-    Args:
-        gx: (T, B, G*H) ``x @ W_ih^T + b_ih + b_hh``; G = 4 (rows i | f | g | o) or 3 when
-            `coupled` (rows f | g | o, i = 1 - f).
-        h0: (B, R) with R = P if `w_hr` is given, else H.   c0: (B, H).
-        w_hh: (G*H, R).   w_hr: (P, H) projection (proj_size), optional.
-        w_ch: peephole weights, (3H,) in order (i, f, o), or (2H,) (f, o) when coupled.
-        lengths: (B,) integer tensor on gx's device: sequence b runs steps t < lengths[b]; its
-            state is frozen and its output zero elsewhere (reverse starts at its own last step).
-        reverse: run time from T-1 down to 0.
-    All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
-    Returns y (T, B, R), h_T (B, R), c_T (B, H) in gx's dtype; differentiable once w.r.t.
-    gx, h0, c0, w_hh, w_hr, w_ch.
-    """
+def _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, persistent):
+    """Checks and normalises the inputs once, then runs LSTMRecurrence."""
     if gx.dim() != 3:
         raise ValueError(f"gx must be (T, B, G*H), got shape {tuple(gx.shape)}")
     T, B, GH = gx.shape
@@ -672,5 +1048,42 @@ def lstm_recurrence(
         v is not None and v.requires_grad for v in (gx, h0, c0, w_hh, w_hr, w_ch)
     )
     return LSTMRecurrence.apply(
-        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store
-    )
+        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store,
+        bool(persistent),
+    )  # fmt: skip
+
+
+def lstm_recurrence(
+    gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, lengths=None, reverse=False
+):
+    """The LSTM recurrence of one layer and direction, in fused Triton kernels (stepwise).
+
+    Args:
+        gx: (T, B, G*H) ``x @ W_ih^T + b_ih + b_hh``; G = 4 (rows i | f | g | o) or 3 when
+            `coupled` (rows f | g | o, i = 1 - f).
+        h0: (B, R) with R = P if `w_hr` is given, else H.   c0: (B, H).
+        w_hh: (G*H, R).   w_hr: (P, H) projection (proj_size), optional.
+        w_ch: peephole weights, (3H,) in order (i, f, o), or (2H,) (f, o) when coupled.
+        lengths: (B,) integer tensor on gx's device: sequence b runs steps t < lengths[b]; its
+            state is frozen and its output zero elsewhere (reverse starts at its own last step).
+        reverse: run time from T-1 down to 0.
+    All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
+    Returns y (T, B, R), h_T (B, R), c_T (B, H) in gx's dtype; differentiable once w.r.t.
+    gx, h0, c0, w_hh, w_hr, w_ch.
+    """
+    return _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, False)
+
+
+def lstm_recurrence_persistent(
+    gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, lengths=None, reverse=False
+):
+    """`lstm_recurrence` with the persistent kernels: one launch for the whole sequence forward
+    and one backward. Same arguments, results and gradients. Where the grid could not be
+    co-resident on the device (or the weight slice does not fit on chip) it runs the stepwise
+    kernels instead, so it never risks a hang.
+
+    Example::
+
+        y, h_T, c_T = lstm_recurrence_persistent(x @ w_ih.t() + b_ih + b_hh, h0, c0, w_hh)
+    """
+    return _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, True)

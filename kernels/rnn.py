@@ -13,16 +13,17 @@ Backward, per step in reverse processing order, with dh the gradient reaching h'
     dh_prev = dgx_t W_hh;   dW_hh = Σ_t dgx_t^T h_{t-1} (one GEMM after the loop)
 A dead step passes dh through unchanged and has dgx = 0.
 
-The kernels, launchers and autograd.Function are the GRU's (gru.py) with the constexpr
-`CELL` = CELL_RNN_TANH | CELL_RNN_RELU: one gate block, no direct term, no b_hn. Forward keeps
-only hs (T+1, B, H), every h including h0, for backward (act' is read off h').
+The kernels (stepwise and persistent), launchers and autograd.Function are the GRU's (gru.py)
+with the constexpr `CELL` = CELL_RNN_TANH | CELL_RNN_RELU: one gate block, no direct term, no
+b_hn. Forward keeps only hs (T+1, B, H), every h including h0, for backward (act' is read off
+h').
 """
 
 from __future__ import annotations
 
 from .gru import CELL_RNN_RELU, CELL_RNN_TANH, _recurrence
 
-__all__ = ["rnn_recurrence"]
+__all__ = ["rnn_recurrence", "rnn_recurrence_persistent"]
 
 _CELLS = {"tanh": CELL_RNN_TANH, "relu": CELL_RNN_RELU}
 
@@ -48,3 +49,13 @@ def rnn_recurrence(gx, h0, w_hh, *, nonlinearity="tanh", lengths=None, reverse=F
     if nonlinearity not in _CELLS:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'")
     return _recurrence(_CELLS[nonlinearity], gx, h0, w_hh, None, lengths, reverse)
+
+
+def rnn_recurrence_persistent(gx, h0, w_hh, *, nonlinearity="tanh", lengths=None, reverse=False):
+    """`rnn_recurrence` with the persistent kernels: one launch for the whole sequence forward
+    and one backward. Same arguments, results and gradients; runs the stepwise kernels where the
+    grid could not be co-resident on the device (never risks a hang).
+    """
+    if nonlinearity not in _CELLS:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'")
+    return _recurrence(_CELLS[nonlinearity], gx, h0, w_hh, None, lengths, reverse, persistent=True)

@@ -1,0 +1,615 @@
+"""The persistent kernels (one launch per sequence and direction) and their launch decisions.
+
+Kernel vs reference: `lstm_recurrence_persistent`, `gru_recurrence_persistent` and
+`rnn_recurrence_persistent` against the float64 oracle `fused_rnn.reference.recurrence`:
+outputs, final states and the gradients of x (through gx = x W_ih^T + b), h0, c0 and every
+weight (w_hh, w_hr, w_ch, b_hh whose n block is the GRU's b_hn). The stepwise kernels are
+replaced by a tripwire there, so a test passes only if the persistent kernels did the work.
+
+Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
+imported), where programs run one after another: a grid barrier only works with one program, so
+the launchers use a single program covering all units and the whole batch. Multi-program tiling
+is checked where no barrier is crossed (T = 1, no projection). Every kernel output buffer is
+NaN-filled before the kernel runs (poison): an element a kernel forgets to write fails a test.
+
+Launch decisions: the co-residency bound, `choose` and the tiling are pure functions, checked with
+fake device properties on both sides of each limit; "auto" stays stepwise while
+dispatch.PERSISTENT_IN_AUTO is False.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+os.environ.setdefault("FUSED_RNN_POISON", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_sequence  # noqa: E402
+
+import fused_rnn  # noqa: E402
+from fused_rnn import dispatch, reference  # noqa: E402
+from fused_rnn.kernels import _common  # noqa: E402
+from fused_rnn.kernels import gru as gru_mod  # noqa: E402
+from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
+from fused_rnn.kernels.gru import gru_recurrence_persistent  # noqa: E402
+from fused_rnn.kernels.lstm import lstm_recurrence_persistent  # noqa: E402
+from fused_rnn.kernels.rnn import rnn_recurrence_persistent  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = _common.is_interpreter()
+
+# Relative error ‖kernel - reference‖ / ‖reference‖ per tensor, against float64 maths on the
+# same (rounded) inputs:
+#   fp64: only the summation order differs (split-K sums, ~1e-15 seen) -> 1e-10.
+#   fp32: exact ("ieee") fp32 dots, T steps of fp32 rounding (~3e-7 seen in the stepwise
+#         tests) -> 1e-5; TF32 is switched off by the fixture below.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+DT_NAME = {torch.float64: "fp64", torch.float32: "fp32"}
+
+STEPWISE_KERNELS = [
+    (lstm_mod, "_lstm_fwd_cell_kernel"),
+    (lstm_mod, "_lstm_fwd_proj_kernel"),
+    (lstm_mod, "_lstm_bwd_cell_kernel"),
+    (lstm_mod, "_lstm_bwd_dh_kernel"),
+    (gru_mod, "_fwd_step_kernel"),
+    (gru_mod, "_bwd_step_kernel"),
+]
+
+
+class _Tripwire:
+    """Stands in for a stepwise kernel: launching it fails the test."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"the stepwise kernel {self.name} ran instead of a persistent one")
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("FUSED_RNN_POISON", "1")
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
+def persistent_only(monkeypatch):
+    """The stepwise kernels fail when launched: results must come from the persistent ones."""
+    for mod, name in STEPWISE_KERNELS:
+        monkeypatch.setattr(mod, name, _Tripwire(name))
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str = "LSTM"  # LSTM, GRU, RNN_TANH, RNN_RELU
+    B: int = 3
+    T: int = 6
+    H: int = 33
+    I: int = 5
+    P: int = 0  # proj_size (LSTM)
+    peep: bool = False
+    coupled: bool = False
+    lens: bool = False
+    reverse: bool = False
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def id(self) -> str:
+        parts = [f"{self.mode}-B{self.B}-T{self.T}-H{self.H}-{DT_NAME[self.dtype]}"]
+        parts += [f"proj{self.P}"] if self.P else []
+        parts += [n for n in ("peep", "coupled", "lens") if getattr(self, n)]
+        parts += ["rev"] if self.reverse else []
+        return "-".join(parts)
+
+    @property
+    def G(self) -> int:
+        return {"LSTM": 3 if self.coupled else 4, "GRU": 3}.get(self.mode, 1)
+
+
+def make_lengths(B: int, T: int) -> torch.Tensor:
+    """Unsorted lengths holding a full-length and a length-1 sequence (when B allows)."""
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    if B > 1:
+        lengths[1] = 1
+    return lengths[torch.randperm(B)]
+
+
+def make_problem(c: Case):
+    """Float64 leaves (x, h0, c0 or None, weights, lengths), rounded through c.dtype."""
+    R = c.P or c.H
+
+    def leaf(*shape, scale=1.0):
+        x = torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
+        return x.to(c.dtype).double().requires_grad_()
+
+    s = c.H**-0.5
+    w = reference.CellWeights(
+        w_ih=leaf(c.G * c.H, c.I, scale=s),
+        w_hh=leaf(c.G * c.H, R, scale=s),
+        b_ih=leaf(c.G * c.H, scale=0.1),
+        b_hh=leaf(c.G * c.H, scale=0.1),
+        w_hr=leaf(c.P, c.H, scale=s) if c.P else None,
+        w_ch=leaf((c.G - 1) * c.H, scale=0.5) if c.peep else None,
+    )
+    x = leaf(c.T, c.B, c.I)
+    h0 = leaf(c.B, R, scale=0.5)
+    c0 = leaf(c.B, c.H, scale=0.5) if c.mode == "LSTM" else None
+    lengths = make_lengths(c.B, c.T).to(DEVICE) if c.lens else None
+    return x, h0, c0, w, lengths
+
+
+def leaves(x, h0, c0, w):
+    return [v for v in [x, h0, c0, *w] if v is not None]
+
+
+def run_persistent(c: Case, x, h0, c0, w, lengths):
+    """The persistent entry point in c.dtype on copies of the leaves: (outputs, leaves)."""
+    lv = [v.detach().to(c.dtype).requires_grad_() for v in leaves(x, h0, c0, w)]
+    it = iter(lv)
+    xk, h0k = next(it), next(it)
+    c0k = next(it) if c0 is not None else None
+    wk = reference.CellWeights(*[next(it) if v is not None else None for v in w])
+    H = c.H
+    if c.mode == "GRU":  # b_hh's r, z blocks fold into gx, its n block is b_hn
+        bias = wk.b_ih + torch.cat([wk.b_hh[: 2 * H], wk.b_hh.new_zeros(H)])
+        gx = xk @ wk.w_ih.t() + bias
+        out = gru_recurrence_persistent(
+            gx, h0k, wk.w_hh, wk.b_hh[2 * H :], lengths=lengths, reverse=c.reverse
+        )
+    elif c.mode == "LSTM":
+        gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
+        out = lstm_recurrence_persistent(
+            gx, h0k, c0k, wk.w_hh, w_hr=wk.w_hr, w_ch=wk.w_ch, coupled=c.coupled,
+            lengths=lengths, reverse=c.reverse,
+        )  # fmt: skip
+    else:
+        gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
+        act = "tanh" if c.mode == "RNN_TANH" else "relu"
+        out = rnn_recurrence_persistent(
+            gx, h0k, wk.w_hh, nonlinearity=act, lengths=lengths, reverse=c.reverse
+        )
+    return out, lv
+
+
+def loss_of(out, cot):
+    return sum((o * d.to(o.dtype)).sum() for o, d in zip(out, cot, strict=True))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    assert torch.isfinite(a).all(), "non-finite values (unwritten poison?)"
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_case(c: Case):
+    """Outputs, final states and every gradient of the persistent path vs the reference."""
+    x, h0, c0, w, lengths = make_problem(c)
+    ref = reference.recurrence(c.mode, x, h0, c0, w, lengths, c.reverse, c.coupled)
+    ref = [r for r in ref if r is not None]
+    cot = [torch.randn_like(r) for r in ref]
+    ref_grads = torch.autograd.grad(loss_of(ref, cot), leaves(x, h0, c0, w))
+
+    out, lv = run_persistent(c, x, h0, c0, w, lengths)
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == c.dtype and o.shape == r.shape
+    grads = torch.autograd.grad(loss_of(out, cot), lv)
+
+    names = ["y", "h_T"] + (["c_T"] if c.mode == "LSTM" else []) + ["dx", "dh0"]
+    names += ["dc0"] if c0 is not None else []
+    names += [
+        "d" + n for n, v in zip(reference.CellWeights._fields, w, strict=True) if v is not None
+    ]
+    errs = {
+        n: rel_err(a, b)
+        for n, a, b in zip(names, list(out) + list(grads), list(ref) + list(ref_grads), strict=True)
+    }
+    bad = {n: e for n, e in errs.items() if not e <= TOL[c.dtype]}
+    assert not bad, f"relative errors over {TOL[c.dtype]:.0e}: {bad}"
+
+    if lengths is not None:  # dead steps: y exactly zero, no gradient reaches their input
+        dead = torch.arange(c.T, device=DEVICE)[:, None] >= lengths[None, :]
+        assert (out[0][dead] == 0).all()
+        assert (grads[0][dead] == 0).all()
+
+
+# ----------------------------------------------------------------------------- kernel vs reference
+
+LSTM_VARIANTS = [
+    dict(),
+    dict(P=5),
+    dict(peep=True),
+    dict(coupled=True),
+    dict(P=17, peep=True, coupled=True),
+]
+CELL_CASES = [
+    Case(mode=m, lens=lens, reverse=rev, **v)
+    for m, variants in [
+        ("LSTM", LSTM_VARIANTS),
+        ("GRU", [{}]),
+        ("RNN_TANH", [{}]),
+        ("RNN_RELU", [{}]),
+    ]
+    for v in variants
+    for lens, rev in [(False, False), (True, True), (True, False), (False, True)]
+]
+SHAPES = [
+    Case(mode="LSTM", T=1, B=1, P=4, peep=True, lens=True, reverse=True),
+    Case(mode="LSTM", T=1, B=4, coupled=True),
+    Case(mode="GRU", T=1, B=1, lens=True),
+    Case(mode="RNN_RELU", T=1, B=2, reverse=True),
+    Case(mode="LSTM", B=1, T=5, H=16, I=1, P=3, reverse=True),
+    Case(mode="GRU", B=1, T=7, H=33, reverse=True),
+    Case(mode="LSTM", B=5, T=9, H=20, I=3, P=7, peep=True, lens=True, reverse=True, coupled=True),
+    Case(mode="RNN_TANH", B=17, T=4, H=40, lens=True),
+]
+FP32 = [
+    Case(mode="LSTM", dtype=torch.float32, P=17, peep=True, lens=True, reverse=True),
+    Case(mode="LSTM", dtype=torch.float32, coupled=True, lens=True),
+    Case(mode="GRU", dtype=torch.float32, lens=True, reverse=True),
+    Case(mode="RNN_TANH", dtype=torch.float32, lens=True),
+]
+
+
+@pytest.mark.parametrize("c", CELL_CASES + SHAPES + FP32, ids=lambda c: c.id)
+def test_matches_reference(c, persistent_only):
+    check_case(c)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="tiles are the interpreter's single program")
+@pytest.mark.parametrize(
+    "c",
+    [
+        Case(mode="LSTM", B=20, T=1, H=33, peep=True, lens=True),
+        Case(mode="LSTM", B=20, T=1, H=40, coupled=True, reverse=True),
+        Case(mode="GRU", B=20, T=1, H=33, lens=True),
+        Case(mode="RNN_TANH", B=20, T=1, H=33),
+    ],
+    ids=lambda c: c.id,
+)
+def test_multi_program_tiles(c, monkeypatch, persistent_only):
+    """GPU-like tiling (16 units x 16 sequences per program: 3 x 2 programs) where no barrier is
+    crossed (one step, no projection): programs' slices of W_hh, units and batch tiles."""
+
+    def tiles(H, B, P=0, sm_count=1):
+        return 16, 16, 16, (-(-max(H, P) // 16), -(-B // 16))
+
+    monkeypatch.setattr(lstm_mod, "persistent_tiles", tiles)
+    monkeypatch.setattr(gru_mod, "persistent_tiles", tiles)
+    check_case(c)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's guard")
+def test_interpreter_refuses_a_barrier_over_several_programs(monkeypatch):
+    """Under the interpreter a multi-program grid barrier would spin forever: it raises."""
+    monkeypatch.setattr(
+        gru_mod, "persistent_tiles", lambda H, B, P=0, sm_count=1: (16, 0, 16, (3, 1))
+    )
+    gx, h0 = torch.randn(2, 2, 3 * 33), torch.randn(2, 33)
+    with pytest.raises(RuntimeError, match="one after another"):
+        gru_recurrence_persistent(gx, h0, torch.randn(99, 33))
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_falls_back_to_stepwise(mode, monkeypatch):
+    """When the persistent launch is refused the stepwise kernels give the same results."""
+    launched = []
+
+    def refuse(kernel, grid, **kw):
+        launched.append(kernel)
+        return False
+
+    monkeypatch.setattr(lstm_mod, "launch_persistent", refuse)
+    monkeypatch.setattr(gru_mod, "launch_persistent", refuse)
+    check_case(Case(mode=mode, P=5 if mode == "LSTM" else 0, lens=True, reverse=True))
+    assert len(launched) == 2  # forward and backward each asked, then ran stepwise
+
+
+def test_grad_subset_and_no_grad(persistent_only):
+    """Only w_hh needs a gradient; under no_grad nothing is kept and outputs are the same."""
+    c = Case(mode="LSTM", B=3, T=5, H=16, I=4, P=6, peep=True, lens=True, reverse=True)
+    x, h0, c0, w, lengths = make_problem(c)
+    ref = reference.recurrence("LSTM", x, h0, c0, w, lengths, True)
+    cot = [torch.randn_like(r) for r in ref]
+    (ref_whh,) = torch.autograd.grad(loss_of(ref, cot), [w.w_hh])
+    gx = (x @ w.w_ih.t() + w.b_ih + w.b_hh).detach()
+    w_hh = w.w_hh.detach().requires_grad_()
+    kw = dict(w_hr=w.w_hr.detach(), w_ch=w.w_ch.detach(), lengths=lengths, reverse=True)
+    out = lstm_recurrence_persistent(gx, h0.detach(), c0.detach(), w_hh, **kw)
+    loss_of(out, cot).backward()
+    assert rel_err(w_hh.grad, ref_whh) < TOL[torch.float64]
+    with torch.no_grad():
+        plain = lstm_recurrence_persistent(gx, h0.detach(), c0.detach(), w_hh, **kw)
+    for a, b in zip(out, plain, strict=True):
+        assert torch.equal(a.detach(), b) and not b.requires_grad
+
+
+def test_double_backward_raises(persistent_only):
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    gx = torch.randn(3, 2, 9, **f64, requires_grad=True)
+    y, _ = gru_recurrence_persistent(gx, torch.randn(2, 3, **f64), torch.randn(9, 3, **f64))
+    (g,) = torch.autograd.grad((y * y).sum(), gx, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_bad_inputs_raise():
+    gx, h0, w_hh = torch.randn(3, 2, 9), torch.randn(2, 3), torch.randn(9, 3)
+    with pytest.raises(TypeError):  # a dtype mix is refused, not cast silently
+        gru_recurrence_persistent(gx, h0.double(), w_hh)
+    with pytest.raises(ValueError, match="h0"):
+        lstm_recurrence_persistent(torch.randn(3, 2, 12), h0[:, :2], h0, torch.randn(12, 3))
+    with pytest.raises(ValueError, match="nonlinearity"):
+        rnn_recurrence_persistent(gx[..., :3], h0, w_hh[:3], nonlinearity="gelu")
+
+
+# ----------------------------------------------------------------------------- modules
+
+MODULE_DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
+MODULE_TOL = (
+    {"rtol": 1e-9, "atol": 1e-10} if MODULE_DTYPE == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+)
+
+
+def _flatten(cls, out):
+    y, h = out
+    if isinstance(y, nn.utils.rnn.PackedSequence):
+        y = y.data
+    return [y, *h] if cls == "LSTM" else [y, h]
+
+
+@pytest.mark.parametrize(
+    "cls,kw,packed",
+    [
+        ("LSTM", dict(num_layers=2, bidirectional=True), True),
+        ("LSTM", dict(proj_size=4, batch_first=True), False),
+        ("GRU", dict(num_layers=2, bidirectional=True, batch_first=True), False),
+        ("GRU", dict(bidirectional=True), True),
+        ("RNN", dict(nonlinearity="relu", num_layers=2), False),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_module_matches_torch(cls, kw, packed, persistent_only):
+    I, H, B, T = 3, 10, 4, 5
+    ref = getattr(nn, cls)(I, H, **kw).to(DEVICE, MODULE_DTYPE)
+    ours = getattr(fused_rnn, cls)(I, H, **kw, backend="persistent").to(DEVICE, MODULE_DTYPE)
+    ours.load_state_dict(ref.state_dict())
+    D = 2 if kw.get("bidirectional") else 1
+    L = kw.get("num_layers", 1)
+    R = kw.get("proj_size", 0) or H
+    h0 = torch.randn(L * D, B, R, device=DEVICE, dtype=MODULE_DTYPE, requires_grad=True)
+    c0 = torch.randn(L * D, B, H, device=DEVICE, dtype=MODULE_DTYPE, requires_grad=True)
+    hx = (h0, c0) if cls == "LSTM" else h0
+    if packed:
+        seqs = [torch.randn(n, I, device=DEVICE, dtype=MODULE_DTYPE) for n in (2, 5, 1, 4)]
+        x = pack_sequence(seqs, enforce_sorted=False)
+        xs = []
+    else:
+        shape = (B, T, I) if kw.get("batch_first") else (T, B, I)
+        x = torch.randn(shape, device=DEVICE, dtype=MODULE_DTYPE, requires_grad=True)
+        xs = [x]
+    out_ref, out_our = _flatten(cls, ref(x, hx)), _flatten(cls, ours(x, hx))
+    for a, b in zip(out_our, out_ref, strict=True):
+        torch.testing.assert_close(a, b, **MODULE_TOL)
+    cot = [torch.randn_like(o) for o in out_ref]
+    states = [h0] + ([c0] if cls == "LSTM" else [])
+    g_ref = torch.autograd.grad(loss_of(out_ref, cot), xs + states + list(ref.parameters()))
+    g_our = torch.autograd.grad(loss_of(out_our, cot), xs + states + list(ours.parameters()))
+    for a, b in zip(g_our, g_ref, strict=True):
+        torch.testing.assert_close(a, b, **MODULE_TOL)
+
+
+# ----------------------------------------------------------------------------- launch decisions
+
+H100 = _common.DeviceProps(sm_count=132)  # defaults: sm_90's per-SM limits
+# what the H=768 fp16 LSTM kernels compiled to on sm_90 (bench/NOTES.md)
+LSTM768 = _common.KernelResources(n_regs=190, shared=160 * 1024, num_warps=8)
+
+
+def test_max_coresident_bounds():
+    # 190 regs x 256 threads and 160 KB: one program per SM
+    assert _common.max_coresident(H100, LSTM768) == 132
+    # small kernel: registers bound it (64 regs -> 32 warps per SM -> 8 programs of 4 warps)
+    small = _common.KernelResources(n_regs=64, shared=0, num_warps=4)
+    assert _common.max_coresident(H100, small) == 8 * 132
+    # shared memory bounds it: 100 KB (+1 KB reserved) twice in 228 KB
+    smem = _common.KernelResources(n_regs=32, shared=100 * 1024, num_warps=4)
+    assert _common.max_coresident(H100, smem) == 2 * 132
+    # registers rounded per warp (255 -> 8192 per warp): 16 warps of them do not fit an SM
+    fat = _common.KernelResources(n_regs=255, shared=0, num_warps=16)
+    assert _common.max_coresident(H100, fat) == 0
+    # more shared memory than a block may have
+    huge = _common.KernelResources(n_regs=32, shared=230 * 1024, num_warps=4)
+    assert _common.max_coresident(H100, huge) == 0
+    # more threads than an SM has
+    wide = _common.KernelResources(n_regs=16, shared=0, num_warps=128)
+    assert _common.max_coresident(H100, wide) == 0
+
+
+def test_choose_fits_is_persistent():
+    cfg = _common.PersistentConfig(programs=48, onchip_bytes=128 * 1024)
+    assert _common.choose(H100, LSTM768, cfg) == "persistent"
+    assert _common.choose(H100, None, cfg) == "persistent"  # before compiling: estimate only
+    assert _common.choose(H100, LSTM768, _common.PersistentConfig(132, 128 * 1024)) == "persistent"
+
+
+@pytest.mark.parametrize(
+    "props,res,cfg",
+    [
+        # more programs than SMs
+        (H100, LSTM768, _common.PersistentConfig(programs=133, onchip_bytes=1024)),
+        (H100, None, _common.PersistentConfig(programs=192, onchip_bytes=1024)),
+        # the weight slice does not fit a block's shared memory (fp32 H=1024: 256 KB)
+        (H100, None, _common.PersistentConfig(programs=64, onchip_bytes=256 * 1024)),
+        # too many registers to be resident at all
+        (H100, _common.KernelResources(255, 0, 16), _common.PersistentConfig(48, 1024)),
+        # compiled shared memory over the limit
+        (H100, _common.KernelResources(128, 240 * 1024, 8), _common.PersistentConfig(48, 1024)),
+        # fits one per SM, but the device is smaller than the grid
+        (_common.DeviceProps(sm_count=40), LSTM768, _common.PersistentConfig(48, 128 * 1024)),
+        # a device with less shared memory per SM (100 KB): 160 KB does not fit
+        (
+            _common.DeviceProps(sm_count=132, smem_per_sm=100 * 1024, smem_per_block=99 * 1024),
+            LSTM768,
+            _common.PersistentConfig(48, 96 * 1024),
+        ),
+        # spills: the on-chip slice would be re-read from memory every step
+        (
+            H100,
+            _common.KernelResources(128, 1024, 8, n_spills=64),
+            _common.PersistentConfig(48, 1024),
+        ),
+        # an empty grid
+        (H100, LSTM768, _common.PersistentConfig(0, 1024)),
+    ],
+    ids=[
+        "programs",
+        "programs-precompile",
+        "onchip",
+        "regs",
+        "smem",
+        "small-device",
+        "small-smem",
+        "spills",
+        "empty",
+    ],  # fmt: skip
+)
+def test_choose_refuses_to_stepwise(props, res, cfg):
+    assert _common.choose(props, res, cfg) == "stepwise"
+
+
+def test_persistent_tiles_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(_common, "is_interpreter", lambda: False)
+    # FlashRNN setting: 48 programs of 16 units, one batch tile
+    assert _common.persistent_tiles(768, 16, 0, 132) == (16, 16, 16, (48, 1))
+    # 16 x 16-unit blocks would need 256 programs: units per program doubled
+    assert _common.persistent_tiles(4096, 16, 0, 132) == (32, 16, 16, (128, 1))
+    # batch tiles stop at 32 (wider ones spilled): B=64 in 2 tiles
+    assert _common.persistent_tiles(512, 64, 0, 132) == (16, 16, 32, (32, 2))
+    # B=256 in 8 tiles: 48 x 8 and 24 x 8 programs too many -> 64 units per program
+    assert _common.persistent_tiles(768, 256, 0, 132) == (64, 16, 32, (12, 8))
+    # projection: the grid covers whichever of H, P needs more blocks
+    assert _common.persistent_tiles(1024, 8, 256, 132) == (16, 16, 16, (64, 1))
+    assert _common.split_k(1024, 8) == 8 and _common.split_k(32, 8) == 2
+    assert _common.split_k(16, 8) == 1
+
+
+def test_launch_refused_before_compiling(monkeypatch):
+    """On a (fake) GPU whose grid cannot hold the programs, nothing is compiled or launched."""
+    monkeypatch.setattr(_common, "is_interpreter", lambda: False)
+    monkeypatch.setattr(_common, "device_props", lambda device: _common.DeviceProps(sm_count=4))
+
+    class Kernel:
+        def warmup(self, *a, **k):
+            raise AssertionError("compiled")
+
+        def __getitem__(self, grid):
+            raise AssertionError("launched")
+
+    ok = _common.launch_persistent(Kernel(), (8, 1), barriers=3, onchip_bytes=1024, device="cpu")
+    assert ok is False
+    ok = _common.launch_persistent(
+        Kernel(), (2, 1), barriers=3, onchip_bytes=300 * 1024, device="cpu"
+    )
+    assert ok is False
+
+
+def test_auto_stays_stepwise_until_validated(monkeypatch):
+    """ "auto" never picks the persistent kernels while PERSISTENT_IN_AUTO is False."""
+    assert dispatch.PERSISTENT_IN_AUTO is False
+    cuda = torch.device("cuda")
+    for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        assert dispatch.resolve("auto", mode, cuda) == "stepwise"
+        assert dispatch.resolve("persistent", mode, cuda) == "persistent"
+    assert dispatch.resolve("auto", "LSTM", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(dispatch, "PERSISTENT_IN_AUTO", True)
+    assert dispatch.resolve("auto", "GRU", cuda) == "persistent"
+    assert dispatch.resolve("auto", "GRU", torch.device("cpu")) == "torch"
+
+
+def test_cooperative_launch_option_exists():
+    """The installed Triton (>= 3.2) has the cooperative launch option the launcher passes."""
+    assert _common.cooperative_launch_available()
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+_COMPILE = r"""
+import os, re, subprocess, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+import fused_rnn.kernels.lstm as L
+import fused_rnn.kernels.gru as G
+
+def build(kernel, sig, consts, ints):
+    fn = kernel.fn
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig.get(n, "constexpr").startswith("*") or ints.get(n, 1) % 16 == 0}
+    sig.update({k: "constexpr" for k in consts})
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=8, maxnreg=255))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    reg, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", out.stdout).groups())
+    print(kernel.fn.__name__, reg, stack, ck.metadata.shared)
+
+H, B = 512, 16
+p, acc = "*fp16", "*fp32"
+common = dict(ACC=tl.float32, DOT_PREC="ieee", BLOCK_B=16, REVERSE=False)
+ints = dict(T=1024, B=B, H=H, R=H)
+lstm = dict(G=4, COUPLED=False, BLOCK_H=16, BLOCK_P=16, BLOCK_R=H, BLOCK_HK=H, SPLIT_R=8,
+            SPLIT_HK=8, HAS_PEEP=False, HAS_LEN=True, HAS_PROJ=False, w_hr=None, w_ch=None)
+build(L._lstm_fwd_persistent_kernel,
+      dict(gx=p, hs=p, cs=acc, y=p, gates=acc, w_hh=p, lengths="*i64", cnt="*i32",
+           T="i32", B="i32", H="i32", R="i32"),
+      dict(common, **lstm, STORE_GATES=True, ms=None), ints)
+build(L._lstm_bwd_persistent_kernel,
+      dict(dgx=p, gates=acc, cs=acc, dh=acc, dc=acc, dy=p, w_hh=p, lengths="*i64", cnt="*i32",
+           T="i32", B="i32", H="i32", R="i32"),
+      dict(common, **lstm, dhs=None), ints)
+gru = dict(CELL=0, BLOCK_H=16, BLOCK_K=H, SPLIT_K=8, HAS_LEN=True)
+build(G._fwd_persistent_kernel,
+      dict(gx=p, hs=p, w_hh=p, b_hn=p, lengths="*i64", y=p, ws=acc, cnt="*i32",
+           T="i32", B="i32", H="i32"),
+      dict(common, **gru, HAS_B_HN=True, STORE_WS=True), ints)
+build(G._bwd_persistent_kernel,
+      dict(dy=p, hs=p, ws=acc, w_hh=p, lengths="*i64", carry=acc, dgx=p, dhn=p, cnt="*i32",
+           T="i32", B="i32", H="i32"),
+      dict(common, **gru), ints)
+"""
+
+
+@pytest.mark.slow
+def test_compiles_for_sm90_without_spills():
+    """The persistent kernels compile for the H100 (Triton's bundled ptxas) with no register
+    spills and shared memory one block may have, at H=512 fp16 B=16 with lengths."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.strip().splitlines()]
+    assert len(rows) == 4, res.stdout
+    for name, reg, stack, shared in rows:
+        assert int(stack) == 0, f"{name} spills: {rows}"
+        assert int(reg) <= 255 and int(shared) <= 227 * 1024, f"{name}: {rows}"
