@@ -7,7 +7,9 @@ it runs plain torch. Triton is imported only when a fused backend is used.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import dispatch, functional, reference
+# _ops registers the fused_rnn:: custom operators (torch only; what a loaded torch.export program
+# calls); triton is imported when one of them runs
+from . import _ops, dispatch, functional, reference  # noqa: F401
 from .dispatch import available_backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 

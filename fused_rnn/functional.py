@@ -135,20 +135,26 @@ def _input_gates(mode: str, x: Tensor, w: CellWeights) -> Tensor:
 
 
 def _fused_recurrence(backend: str):
+    """The fused kernels of `backend`, through the fused_rnn:: custom operators (fused_rnn._ops).
+
+    One autograd formula (registered on the operators) serves eager and torch.compile /
+    torch.export runs; the operators are opaque nodes with fake implementations in a graph.
+    """
+    from . import _ops  # registers the operators; triton itself is imported when one runs
+
+    persistent = backend == "persistent"
+
     def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled):
-        fn = dispatch.kernel(backend, mode)
         if mode == "LSTM":
-            return fn(
-                gx, h0, c0, w.w_hh, w_hr=w.w_hr, w_ch=w.w_ch, coupled=coupled,
-                lengths=lengths, reverse=reverse,
-            )  # fmt: skip
-        if mode == "GRU":
-            H = w.w_hh.shape[1]
-            b_hn = None if w.b_hh is None else w.b_hh[2 * H :]
-            y, h = fn(gx, h0, w.w_hh, b_hn, lengths=lengths, reverse=reverse)
-        else:
-            nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
-            y, h = fn(gx, h0, w.w_hh, nonlinearity=nonlinearity, lengths=lengths, reverse=reverse)
+            return _ops.lstm_recurrence(
+                gx, h0, c0, w.w_hh, w.w_hr, w.w_ch, lengths, reverse, coupled, persistent
+            )
+        b_hn = None
+        if mode == "GRU" and w.b_hh is not None:
+            b_hn = w.b_hh[2 * w.w_hh.shape[1] :]  # r multiplies (W_hn h + b_hn): cannot fold
+        y, h = _ops.gru_recurrence(
+            _ops.cell_of(mode), gx, h0, w.w_hh, b_hn, lengths, reverse, persistent
+        )
         return y, h, None
 
     return run

@@ -1,0 +1,324 @@
+"""The fused recurrences as torch.library custom operators (torch.compile, torch.export).
+
+Four operators wrap the Triton launchers of fused_rnn.kernels (GRU and Elman RNN share gru.py's
+launchers through the integer `cell`: 0 GRU, 1 RNN tanh, 2 RNN relu, kernels/gru.py's CELL_*):
+
+    fused_rnn::lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,
+        Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, bool persistent)
+        -> (y, h_T, c_T, hs, cs, gates, ms)
+    fused_rnn::lstm_bwd(Tensor dy, Tensor dhT, Tensor dcT, Tensor hs, Tensor cs, Tensor gates,
+        Tensor ms, Tensor w_hh, Tensor? w_hr, Tensor? w_ch, Tensor? lengths, bool reverse,
+        bool coupled, bool[] needs, bool persistent) -> (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)
+    fused_rnn::gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hn, Tensor? lengths,
+        bool reverse, int cell, bool store, bool persistent) -> (y, h_T, hs, ws)
+    fused_rnn::gru_bwd(Tensor dy, Tensor dhT, Tensor hs, Tensor ws, Tensor w_hh,
+        Tensor? lengths, bool reverse, int cell, bool[] needs, bool persistent)
+        -> (dgx, dh0, dw_hh, db_hn)
+
+The forward operators return what backward needs (hs, cs, gates, ms / hs, ws: see the kernel
+files' docstrings) as extra, non-differentiable outputs; a schema cannot return None, so a
+buffer that does not exist (gates without `store`, ms without a projection, ws for the RNN) is
+an empty tensor, and so is a gradient that `needs` did not ask for. `store` (keep what backward
+needs) is decided by the caller, from grad mode and requires_grad, outside the operator.
+`persistent` selects the persistent kernels, passed to a launcher only when True (launchers
+without the keyword reject it with a RuntimeError).
+
+The autograd formula is registered on the forward operators (`register_autograd`): eager and
+compiled runs share it, and torch.compile / torch.export see one opaque node per layer and
+direction, with a fake implementation for shapes. The backward operators' own formula raises:
+the fused recurrences are differentiable once (double backward needs backend="torch").
+
+`lstm_recurrence` and `gru_recurrence` below are the entry points (the stack in
+fused_rnn.functional calls them). Triton is imported only when an operator really runs, so
+importing this module (registering the operators) needs only torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+from torch import Tensor
+
+from .dispatch import compile_constant
+
+__all__ = ["lstm_recurrence", "gru_recurrence", "cell_of"]
+
+_CELL_NAMES = {"GRU": "CELL_GRU", "RNN_TANH": "CELL_RNN_TANH", "RNN_RELU": "CELL_RNN_RELU"}
+
+
+def _kernels(name: str):
+    return importlib.import_module(f"fused_rnn.kernels.{name}")
+
+
+def _cell_of(mode: str) -> int:
+    return int(getattr(_kernels("gru"), _CELL_NAMES[mode]))
+
+
+# The `cell` constant of gru.py's kernels for mode "GRU", "RNN_TANH" or "RNN_RELU". A constant
+# to torch.compile / torch.export: tracing into the import behind it would break the graph.
+cell_of = compile_constant(_cell_of)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # kernels._common.acc_dtype, without importing triton (fake implementations run without it)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def _takes_persistent(fn) -> bool:
+    return "persistent" in inspect.signature(fn).parameters
+
+
+def _launch(fn, persistent: bool, *args):
+    if not persistent:
+        return fn(*args)
+    if not _takes_persistent(fn):
+        raise RuntimeError(
+            f"fused_rnn: the installed kernels have no persistent variant of {fn.__name__}"
+        )
+    return fn(*args, persistent=True)
+
+
+def _prepare(lengths: Tensor | None, gx: Tensor, *tensors, dtype: torch.dtype | None = None):
+    """Contiguous tensors of one dtype and device (kernels' `normalize`), int64 lengths."""
+    out = _kernels("_common").normalize(gx, *tensors, dtype=dtype)
+    if lengths is not None:
+        lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
+    return (*out, lengths)
+
+
+def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _no_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fused_rnn::{name}: double backward through a fused recurrence is not supported "
+            "(the Triton kernels are differentiable once); use backend='torch' for "
+            "higher-order gradients"
+        )
+
+    return backward
+
+
+def _zeros_if_none(g: Tensor | None, like: Tensor, shape) -> Tensor:
+    return like.new_zeros(shape) if g is None else g
+
+
+# =========================================================================== LSTM
+
+
+@torch.library.custom_op(
+    "fused_rnn::lstm_fwd",
+    mutates_args=(),
+    schema="(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? w_ch, "
+    "Tensor? lengths, bool reverse, bool coupled, bool store, bool persistent) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
+    lstm = _kernels("lstm")
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths = _prepare(lengths, gx, h0, c0, w_hh, w_hr, w_ch)
+    y, hs, cs, gates, ms = _launch(
+        lstm._lstm_fwd, persistent, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
+    )
+    s_T = 0 if reverse else gx.shape[0]
+    h_T = hs[s_T].clone()
+    c_T = cs[s_T].to(gx.dtype, copy=True)
+    gates = _empty(gx, _acc(gx.dtype)) if gates is None else gates
+    ms = _empty(gx) if ms is None else ms
+    return y, h_T, c_T, hs, cs, gates, ms
+
+
+@lstm_fwd.register_fake
+def _(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
+    T, B, GH = gx.shape
+    H, R = GH // (3 if coupled else 4), w_hh.shape[1]
+    acc = _acc(gx.dtype)
+    return (
+        gx.new_empty((T, B, R)),
+        gx.new_empty((B, R)),
+        gx.new_empty((B, H)),
+        gx.new_empty((T + 1, B, R)),
+        gx.new_empty((T + 1, B, H), dtype=acc),
+        gx.new_empty((T, B, GH), dtype=acc) if store else _empty(gx, acc),
+        gx.new_empty((T, B, H)) if w_hr is not None else _empty(gx),
+    )
+
+
+@torch.library.custom_op(
+    "fused_rnn::lstm_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor dhT, Tensor dcT, Tensor hs, Tensor cs, Tensor gates, Tensor ms, "
+    "Tensor w_hh, Tensor? w_hr, Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, "
+    "bool[] needs, bool persistent) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
+             persistent):  # fmt: skip
+    lstm = _kernels("lstm")
+    dy, dhT, dcT, w_hh, w_hr, w_ch, lengths = _prepare(lengths, dy, dhT, dcT, w_hh, w_hr, w_ch,
+                                                       dtype=hs.dtype)  # fmt: skip
+    grads = _launch(
+        lstm._lstm_bwd, persistent, dy, dhT, dcT, hs, cs, gates,
+        ms if w_hr is not None else None, w_hh, w_hr, w_ch, lengths, reverse, coupled,
+        tuple(needs),
+    )  # fmt: skip
+    return tuple(_empty(hs) if g is None else g for g in grads)
+
+
+@lstm_bwd.register_fake
+def _(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
+      persistent):  # fmt: skip
+    T, B, R = dy.shape
+    H = cs.shape[-1]
+    shapes = [gates.shape, (B, R), (B, H), w_hh.shape]
+    shapes += [None if w_hr is None else w_hr.shape, None if w_ch is None else w_ch.shape]
+    return tuple(
+        hs.new_empty(s) if need and s is not None else _empty(hs) for s, need in zip(shapes, needs)
+    )
+
+
+def _lstm_setup(ctx, inputs, output):
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent = inputs
+    _, _, _, hs, cs, gates, ms = output
+    ctx.mark_non_differentiable(hs, cs, gates, ms)
+    ctx.set_materialize_grads(False)
+    ctx.reverse, ctx.coupled, ctx.store, ctx.persistent = reverse, coupled, store, persistent
+    ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths)
+
+
+def _lstm_backward(ctx, dy, dhT, dcT, *_buffers):
+    if not ctx.store:
+        raise RuntimeError("fused_rnn::lstm_fwd was called with store=False: no gradient")
+    hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths = ctx.saved_tensors
+    T1, B, R = hs.shape
+    dy = _zeros_if_none(dy, hs, (T1 - 1, B, R))
+    dhT = _zeros_if_none(dhT, hs, (B, R))
+    dcT = _zeros_if_none(dcT, hs, (B, cs.shape[-1]))
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = torch.ops.fused_rnn.lstm_bwd(
+        dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, ctx.reverse, ctx.coupled,
+        needs, ctx.persistent,
+    )  # fmt: skip
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
+
+
+lstm_fwd.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+lstm_bwd.register_autograd(_no_double_backward("lstm_bwd"))
+
+
+def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, reverse=False,
+                    coupled=False, persistent=False):  # fmt: skip
+    """y (T, B, R), h_T (B, R), c_T (B, H) of kernels.lstm.lstm_recurrence, through the op.
+
+    No shape checks here (the caller's): gx (T, B, G*H), h0 (B, R), c0 (B, H), w_hh (G*H, R),
+    w_hr (P, H) or None, w_ch ((G-1)*H,) or None, lengths (B,) or None; one floating dtype.
+    """
+    store = _needs_grad(gx, h0, c0, w_hh, w_hr, w_ch)
+    y, h_T, c_T, *_ = torch.ops.fused_rnn.lstm_fwd(
+        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store,
+        bool(persistent),
+    )  # fmt: skip
+    return y, h_T, c_T
+
+
+# =========================================================================== GRU and RNN
+
+
+@torch.library.custom_op(
+    "fused_rnn::gru_fwd",
+    mutates_args=(),
+    schema="(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hn, Tensor? lengths, bool reverse, "
+    "int cell, bool store, bool persistent) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def gru_fwd(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
+    gru = _kernels("gru")
+    gx, h0, w_hh, b_hn, lengths = _prepare(lengths, gx, h0, w_hh, b_hn)
+    y, hs, ws = _launch(gru._forward, persistent, cell, gx, h0, w_hh, b_hn, lengths, reverse,
+                        store)  # fmt: skip
+    h_T = hs[0 if reverse else gx.shape[0]].clone()
+    return y, h_T, hs, _empty(gx, _acc(gx.dtype)) if ws is None else ws
+
+
+def _gru_stores_ws(cell: int, store: bool) -> bool:
+    return store and cell == 0  # gru.py: ws exists for CELL_GRU (0) when a gradient is wanted
+
+
+@gru_fwd.register_fake
+def _(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
+    T, B, _ = gx.shape
+    H = h0.shape[-1]
+    acc = _acc(gx.dtype)
+    ws = gx.new_empty((T, B, 4 * H), dtype=acc) if _gru_stores_ws(cell, store) else _empty(gx, acc)
+    return gx.new_empty((T, B, H)), gx.new_empty((B, H)), gx.new_empty((T + 1, B, H)), ws
+
+
+@torch.library.custom_op(
+    "fused_rnn::gru_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor dhT, Tensor hs, Tensor ws, Tensor w_hh, Tensor? lengths, "
+    "bool reverse, int cell, bool[] needs, bool persistent) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def gru_bwd(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, persistent):
+    gru = _kernels("gru")
+    dy, dhT, w_hh, lengths = _prepare(lengths, dy, dhT, w_hh, dtype=hs.dtype)
+    grads = _launch(
+        gru._backward, persistent, cell, dy, dhT, hs, ws if cell == gru.CELL_GRU else None, w_hh,
+        lengths, reverse, tuple(needs),
+    )  # fmt: skip
+    return tuple(_empty(hs) if g is None else g for g in grads)
+
+
+@gru_bwd.register_fake
+def _(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, persistent):
+    T, B, H = dy.shape
+    G = w_hh.shape[0] // H
+    shapes = [(T, B, G * H), (B, H), w_hh.shape, (H,)]
+    return tuple(hs.new_empty(s) if need else _empty(hs) for s, need in zip(shapes, needs))
+
+
+def _gru_setup(ctx, inputs, output):
+    gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent = inputs
+    _, _, hs, ws = output
+    ctx.mark_non_differentiable(hs, ws)
+    ctx.set_materialize_grads(False)
+    ctx.reverse, ctx.cell, ctx.store, ctx.persistent = reverse, cell, store, persistent
+    ctx.save_for_backward(hs, ws, w_hh, lengths)
+
+
+def _gru_backward(ctx, dy, dhT, *_buffers):
+    if not ctx.store:
+        raise RuntimeError("fused_rnn::gru_fwd was called with store=False: no gradient")
+    hs, ws, w_hh, lengths = ctx.saved_tensors
+    T1, B, H = hs.shape
+    dy = _zeros_if_none(dy, hs, (T1 - 1, B, H))
+    dhT = _zeros_if_none(dhT, hs, (B, H))
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = torch.ops.fused_rnn.gru_bwd(
+        dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.cell, needs, ctx.persistent
+    )
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
+
+
+gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
+gru_bwd.register_autograd(_no_double_backward("gru_bwd"))
+
+
+def gru_recurrence(cell, gx, h0, w_hh, b_hn=None, lengths=None, reverse=False, persistent=False):
+    """y (T, B, H), h_T (B, H) of kernels.gru's recurrence for `cell` (see `cell_of`).
+
+    No shape checks here (the caller's): gx (T, B, G*H) with G = 3 (GRU) or 1 (RNN), h0 (B, H),
+    w_hh (G*H, H), b_hn (H,) or None (always None for the RNN), lengths (B,) or None.
+    """
+    store = _needs_grad(gx, h0, w_hh, b_hn)
+    y, h_T, _, _ = torch.ops.fused_rnn.gru_fwd(
+        gx, h0, w_hh, b_hn, lengths, bool(reverse), int(cell), store, bool(persistent)
+    )
+    return y, h_T
