@@ -52,7 +52,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_error() -> str | None:
     try:
         importlib.import_module("triton")
@@ -61,7 +61,7 @@ def _triton_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(mode: str, backend: str):
     """The kernel entry point of `mode` on `backend`, or an error string."""
     module, names = _KERNELS[mode]
@@ -128,11 +128,6 @@ def resolve(backend: str, mode: str, device: torch.device) -> str:
     if why is not None:
         raise RuntimeError(f"backend={backend!r} is not available for {mode} on {device}: {why}")
     return backend
-
-
-def kernel(backend: str, mode: str):
-    """The fused entry point (after `resolve` said it is available)."""
-    return _kernel(mode, backend)
 
 
 def available_backends(device: torch.device | str = "cpu", mode: str = "LSTM") -> list[str]:

@@ -63,8 +63,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .. import _ops
 from ._common import (
     PERSISTENT_WARPS,
     _dot,
@@ -85,7 +85,6 @@ from ._common import (
     launch_persistent,
     new_output,
     next_pow2,
-    normalize,
     persistent_tiles,
     split_k,
 )
@@ -93,7 +92,6 @@ from ._common import (
 __all__ = [
     "gru_recurrence",
     "gru_recurrence_persistent",
-    "GRURecurrence",
     "CELL_GRU",
     "CELL_RNN_TANH",
     "CELL_RNN_RELU",
@@ -672,45 +670,11 @@ def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persisten
     return (dgx if need_gx else None), dh0, dw_hh, db_hn
 
 
-# =========================================================================== autograd
-
-
-class GRURecurrence(torch.autograd.Function):
-    """(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent) -> (y, h_T), for the GRU
-    and the RNN.
-
-    Inputs already normalised by `_recurrence` (contiguous, one dtype, checked shapes); `cell`
-    is CELL_GRU, CELL_RNN_TANH or CELL_RNN_RELU (b_hn is None for the RNN); `store` says whether
-    a gradient will be asked for (forward then keeps the GRU's gates); `persistent` picks the
-    persistent kernels (each direction of time falls back to the stepwise ones where they
-    cannot run safely).
-    """
-
-    @staticmethod
-    def forward(ctx, gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
-        y, hs, ws = _forward(
-            cell, gx, h0, w_hh, b_hn, lengths, reverse, store, persistent=persistent
-        )
-        h_T = hs[0 if reverse else gx.shape[0]].clone()
-        ctx.reverse, ctx.cell, ctx.persistent = reverse, cell, persistent
-        if store:
-            ctx.save_for_backward(hs, ws, w_hh, lengths)
-        return y, h_T
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dhT):
-        hs, ws, w_hh, lengths = ctx.saved_tensors
-        dy, dhT = normalize(dy, dhT, dtype=hs.dtype)
-        dgx, dh0, dw_hh, db_hn = _backward(
-            ctx.cell, dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.needs_input_grad[:4],
-            persistent=ctx.persistent,
-        )  # fmt: skip
-        return dgx, dh0, dw_hh, db_hn, None, None, None, None, None
+# =========================================================================== entry points
 
 
 def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse, persistent=False):
-    """Checks and normalises the inputs once, then runs GRURecurrence (GRU and RNN)."""
+    """Checks the shapes, then runs the fused_rnn::gru_fwd operator (GRU and RNN)."""
     G = 3 if cell == CELL_GRU else 1
     if gx.dim() != 3:
         raise ValueError(f"gx must be (T, B, {G}*H), got shape {tuple(gx.shape)}")
@@ -724,17 +688,11 @@ def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse, persistent=False):
     for name, (ten, shape) in expect.items():
         if tuple(ten.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(ten.shape)}")
-    gx, h0, w_hh, b_hn = normalize(gx, h0, w_hh, b_hn)
-    if lengths is not None:
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
-    store = torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (gx, h0, w_hh, b_hn)
-    )
-    return GRURecurrence.apply(
-        gx, h0, w_hh, b_hn, lengths, bool(reverse), cell, store, bool(persistent)
-    )
+    if lengths is not None and tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    # the custom operator normalises the inputs and carries the autograd formula (eager and
+    # torch.compile alike)
+    return _ops.gru_recurrence(cell, gx, h0, w_hh, b_hn, lengths, bool(reverse), bool(persistent))
 
 
 def gru_recurrence(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):

@@ -64,8 +64,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .. import _ops
 from ._common import (
     PERSISTENT_WARPS,
     _dot,
@@ -86,13 +86,12 @@ from ._common import (
     launch_persistent,
     new_output,
     next_pow2,
-    normalize,
     num_warps,
     persistent_tiles,
     split_k,
 )
 
-__all__ = ["lstm_recurrence", "lstm_recurrence_persistent", "LSTMRecurrence"]
+__all__ = ["lstm_recurrence", "lstm_recurrence_persistent"]
 
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
@@ -982,45 +981,11 @@ def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coup
     return (dgx if need_gx else None), dh0, dc0, dw_hh, dw_hr, dw_ch
 
 
-# =========================================================================== autograd
-
-
-class LSTMRecurrence(torch.autograd.Function):
-    """(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent)
-    -> (y, h_T, c_T).
-
-    Inputs already normalised by `_recurrence` (contiguous, one dtype, checked shapes);
-    `persistent` picks the persistent kernels (forward and backward each fall back to the
-    stepwise ones where they cannot run safely).
-    """
-
-    @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
-        y, hs, cs, gates, ms = _lstm_fwd(
-            gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent=persistent
-        )
-        _, sT = _state_index(gx.shape[0], reverse)
-        h_T = hs[sT].clone()
-        c_T = cs[sT].to(gx.dtype, copy=True)
-        ctx.reverse, ctx.coupled, ctx.persistent = reverse, coupled, persistent
-        if store:
-            ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths)
-        return y, h_T, c_T
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dhT, dcT):
-        hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths = ctx.saved_tensors
-        dy, dhT, dcT = normalize(dy, dhT, dcT, dtype=hs.dtype)
-        dgx, dh0, dc0, dw_hh, dw_hr, dw_ch = _lstm_bwd(
-            dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths,
-            ctx.reverse, ctx.coupled, ctx.needs_input_grad[:6], persistent=ctx.persistent,
-        )  # fmt: skip
-        return dgx, dh0, dc0, dw_hh, dw_hr, dw_ch, None, None, None, None, None
+# =========================================================================== entry points
 
 
 def _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, persistent):
-    """Checks and normalises the inputs once, then runs LSTMRecurrence."""
+    """Checks the shapes, then runs the fused_rnn::lstm_fwd operator (fused_rnn._ops)."""
     if gx.dim() != 3:
         raise ValueError(f"gx must be (T, B, G*H), got shape {tuple(gx.shape)}")
     T, B, GH = gx.shape
@@ -1039,18 +1004,13 @@ def _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, persist
     for name, (ten, shape) in expect.items():
         if tuple(ten.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(ten.shape)}")
-    gx, h0, c0, w_hh, w_hr, w_ch = normalize(gx, h0, c0, w_hh, w_hr, w_ch)
-    if lengths is not None:
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
-    store = torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (gx, h0, c0, w_hh, w_hr, w_ch)
+    if lengths is not None and tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    # the custom operator normalises the inputs and carries the autograd formula (eager and
+    # torch.compile alike)
+    return _ops.lstm_recurrence(
+        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), bool(persistent)
     )
-    return LSTMRecurrence.apply(
-        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store,
-        bool(persistent),
-    )  # fmt: skip
 
 
 def lstm_recurrence(

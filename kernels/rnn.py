@@ -13,7 +13,7 @@ Backward, per step in reverse processing order, with dh the gradient reaching h'
     dh_prev = dgx_t W_hh;   dW_hh = Σ_t dgx_t^T h_{t-1} (one GEMM after the loop)
 A dead step passes dh through unchanged and has dgx = 0.
 
-The kernels (stepwise and persistent), launchers and autograd.Function are the GRU's (gru.py)
+The kernels (stepwise and persistent), launchers and custom operator are the GRU's (gru.py)
 with the constexpr `CELL` = CELL_RNN_TANH | CELL_RNN_RELU: one gate block, no direct term, no
 b_hn. Forward keeps only hs (T+1, B, H), every h including h0, for backward (act' is read off
 h').
