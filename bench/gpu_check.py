@@ -42,7 +42,8 @@ else on the device.
 Statuses: pass, fail (error above tolerance, NaN, missing gradient), race, error (an exception),
 hang, crash, unavailable (fused_rnn.dispatch says the backend cannot run here: not a failure),
 skipped (not run: time budget or a backend that hung). Extra checks: torch.compile(fullgraph=True)
-of a small fused model against eager, and one single-process DistributedDataParallel step.
+of a small fused model against eager, one single-process DistributedDataParallel step, and the
+output dtype of every class under torch.autocast (bf16, fp16) against torch.nn.
 """
 
 from __future__ import annotations
@@ -844,7 +845,9 @@ def _run_extra(task: dict, plan: dict, device) -> None:
         x = torch.randn(4, 8, 16, device=device, requires_grad=True)
         try:
             eager = grads(net, x)
-            if what == "compile":
+            if what == "autocast":
+                err = _autocast_check(backend, device, row)
+            elif what == "compile":
                 import torch._dynamo
 
                 torch._dynamo.reset()
@@ -864,6 +867,42 @@ def _run_extra(task: dict, plan: dict, device) -> None:
             traceback.print_exc()
     row["seconds"] = round(time.perf_counter() - t0, 3)
     _emit({"ev": "row", "kind": "extra", "row": row})
+
+
+def _autocast_check(backend, device, row) -> float | None:
+    """Under torch.autocast (bf16, fp16) each fused module returns the dtype torch.nn's does;
+    the worst relative difference from torch.nn, or None (with status fail) on a dtype mismatch."""
+    import torch
+    from torch import nn
+
+    import fused_rnn
+
+    worst, seen = 0.0, []
+    for cls in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"):
+        ref = getattr(nn, cls)(16, 32).to(device)
+        ours = getattr(fused_rnn, cls)(16, 32, backend=backend).to(device)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(8, 4, 16, device=device)
+        if cls.endswith("Cell"):
+            x = x[0]
+        # CPU autocast in fp16 is not supported by torch's own CPU LSTM (oneDNN): bf16 only there
+        for dtype in (
+            (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.bfloat16,)
+        ):
+            with torch.autocast(device.type, dtype=dtype):
+                a, b = ours(x), ref(x)
+            a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+            seen.append(f"{cls}/{str(dtype)[6:]}->{str(b.dtype)[6:]}")
+            if a.dtype != b.dtype:
+                row["status"] = "fail"
+                row["message"] = (
+                    f"{cls} under {dtype} autocast: fused {a.dtype}, torch.nn {b.dtype}"
+                )
+                return None
+            worst = max(worst, _rel_err(a.float(), b.detach().double().cpu()))
+    row["tol"] = TOLERANCES["bf16"][0]
+    row["message"] = "output dtype and values vs torch.nn under autocast: " + ", ".join(seen)
+    return worst
 
 
 def _ddp_step(net, x, device, row) -> float | None:
@@ -1305,7 +1344,7 @@ def plan_tasks(args, device, level: str, base_seed: int):
     extras = []
     if not args.no_extras:
         # --tiny: torch.compile alone takes ~40 s on a 2-core CPU; it runs with --quick and full
-        for what in ("ddp",) if level == "tiny" else ("compile", "ddp"):
+        for what in ("ddp", "autocast") if level == "tiny" else ("compile", "ddp", "autocast"):
             for b in FUSED_BACKENDS:
                 cid = f"{what}/lstm/{b}"
                 if not _only(args, cid):

@@ -18,6 +18,7 @@ loop. Fused backends run the generic stack below on padded sequences with per-se
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -193,11 +194,36 @@ def _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, trainin
     return layer_in, torch.stack(hn), None if c0 is None else torch.stack(cn)
 
 
-def _autocast_dtype(device: torch.device):
-    """The dtype autocast casts RNN ops to on `device`, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
+def _autocast_dtype(device: torch.device, mode: str, cell: bool):
+    """The dtype torch.nn runs the recurrent op of `mode` in under autocast, or None (no cast).
+
+    CUDA: cuDNN's autocast wrapper of the full layers (`_cudnn_rnn`, ATen/cudnn/AutocastRNN.cpp)
+    casts to float16 whatever the autocast dtype; the cell ops (lstm_cell, gru_cell, rnn_*_cell)
+    are on the lower-precision list, so they take the autocast dtype. CPU (the interpreter), as
+    torch 2.13 behaves: lstm is on CPU autocast's lower-precision list; the Elman RNN and RNNCell
+    come out in the autocast dtype because they are built of listed GEMMs and a tanh/relu; GRU,
+    GRUCell and LSTMCell return float32.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    if device.type == "cuda":
+        return torch.get_autocast_dtype("cuda") if cell else torch.float16
+    if mode.startswith("RNN") or (mode == "LSTM" and not cell):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _autocast_scope(device: torch.device, mode: str, cell: bool, tensors, weights):
+    """Casts for the fused path as torch.nn's op is cast under autocast (see `_autocast_dtype`);
+    returns (tensors, weights, context): the fused path runs with autocast off, so that the
+    input GEMMs keep the dtype chosen here."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors, weights, contextlib.nullcontext()
+    cast = _autocast_dtype(device, mode, cell)
+    if cast is not None:
+        tensors = [None if t is None else t.to(cast) for t in tensors]
+        weights = _cast_weights(weights, cast)
+    return tensors, weights, torch.autocast(device.type, enabled=False)
 
 
 def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first, dropout,
@@ -219,14 +245,12 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
         x, lengths = (data.transpose(0, 1) if batch_first else data), None
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    scope = contextlib.nullcontext()
     if which != "torch":
-        cast = _autocast_dtype(x.device)
-        if cast is not None:
-            x, h0 = x.to(cast), h0.to(cast)
-            c0 = None if c0 is None else c0.to(cast)
-            weights = _cast_weights(weights, cast)
-    out, hn, cn = _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, training,
-                         lengths, coupled, _recurrence_for(which))  # fmt: skip
+        (x, h0, c0), weights, scope = _autocast_scope(x.device, mode, False, (x, h0, c0), weights)
+    with scope:
+        out, hn, cn = _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout,
+                             training, lengths, coupled, _recurrence_for(which))  # fmt: skip
     if packed:
         out = pack_padded_sequence(out, lengths).data
     elif batch_first:
@@ -367,14 +391,12 @@ def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
             return _VF.lstm_cell(input, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
         fn = {"GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell}
         return fn[mode](input, h, w.w_ih, w.w_hh, w.b_ih, w.b_hh), None
+    scope = contextlib.nullcontext()
     if which != "torch":
-        cast = _autocast_dtype(input.device)
-        if cast is not None:
-            input, h = input.to(cast), h.to(cast)
-            c = None if c is None else c.to(cast)
-            (w,) = _cast_weights([w], cast)
-    gx = _input_gates(mode, input.unsqueeze(0), w)
-    _, h_new, c_new = _recurrence_for(which)(mode, gx, h, c, w, None, False, coupled)
+        (input, h, c), (w,), scope = _autocast_scope(input.device, mode, True, (input, h, c), [w])
+    with scope:
+        gx = _input_gates(mode, input.unsqueeze(0), w)
+        _, h_new, c_new = _recurrence_for(which)(mode, gx, h, c, w, None, False, coupled)
     return h_new, c_new
 
 
