@@ -35,6 +35,7 @@ importing this module (registering the operators) needs only torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -73,13 +74,19 @@ def _takes_persistent(fn) -> bool:
 
 
 def _launch(fn, persistent: bool, *args):
-    if not persistent:
-        return fn(*args)
-    if not _takes_persistent(fn):
-        raise RuntimeError(
-            f"fused_rnn: the installed kernels have no persistent variant of {fn.__name__}"
-        )
-    return fn(*args, persistent=True)
+    """Runs a launcher on the device of its tensors: Triton compiles for and launches on the
+    current CUDA device and stream, which need not be the tensors' (a model on cuda:1)."""
+    kwargs = {}
+    if persistent:
+        if not _takes_persistent(fn):
+            raise RuntimeError(
+                f"fused_rnn: the installed kernels have no persistent variant of {fn.__name__}"
+            )
+        kwargs["persistent"] = True
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with scope:
+        return fn(*args, **kwargs)
 
 
 def _prepare(lengths: Tensor | None, gx: Tensor, *tensors, dtype: torch.dtype | None = None):

@@ -432,7 +432,8 @@ def _fwd_persistent_kernel(
             b_bhn = tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
         else:
             b_bhn = tl.zeros([BLOCK_H, 1], dtype=ACC)
-    b_h = tl.load(hs + (T if REVERSE else 0) * B * H + o_bh, mask=m_hb, other=0.0)  # own units
+    s0 = tl.cast(T, tl.int64) if REVERSE else 0  # int64: T*B*H can pass 2**31
+    b_h = tl.load(hs + s0 * B * H + o_bh, mask=m_hb, other=0.0)  # own units
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for s in tl.range(0, T, num_stages=1):

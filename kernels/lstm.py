@@ -603,7 +603,7 @@ def _lstm_fwd_persistent_kernel(
     o_c = o_b[None, :] * H + o_h[:, None]  # ... of a (B, H) slab
     o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of a (B, G*H) slab
 
-    s0 = T if REVERSE else 0
+    s0 = tl.cast(T, tl.int64) if REVERSE else 0  # int64: T*B*H can pass 2**31
     b_c = tl.load(cs + s0 * B * H + o_c, mask=m_hb, other=0.0)  # c, ACC, kept in registers
     b_h = tl.load(hs + s0 * B * R + o_hq, mask=m_qb, other=0.0)  # own rows of h
     # num_stages=1: no software pipelining, which could issue the next step's loads of
