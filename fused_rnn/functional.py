@@ -219,11 +219,11 @@ def _autocast_scope(device: torch.device, mode: str, cell: bool, tensors, weight
     input GEMMs keep the dtype chosen here."""
     if not torch.is_autocast_enabled(device.type):
         return tensors, weights, contextlib.nullcontext()
-    cast = _autocast_dtype(device, mode, cell)
-    if cast is not None:
-        tensors = [None if t is None else t.to(cast) for t in tensors]
-        weights = _cast_weights(weights, cast)
-    return tensors, weights, torch.autocast(device.type, enabled=False)
+    # where torch.nn's op is not cast, its arguments may still differ (e.g. a bf16 input from an
+    # earlier autocast op and fp32 weights): the kernels then run in the input's dtype
+    cast = _autocast_dtype(device, mode, cell) or tensors[0].dtype
+    tensors = [None if t is None else t.to(cast) for t in tensors]  # no-ops where it already is
+    return tensors, _cast_weights(weights, cast), torch.autocast(device.type, enabled=False)
 
 
 def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first, dropout,

@@ -149,6 +149,19 @@ class RNNBase(nn.Module):
     def _flat_weights(self) -> list[Tensor]:
         return [getattr(self, name, None) for name in self._flat_weights_names]
 
+    @_flat_weights.setter
+    def _flat_weights(self, value) -> None:
+        # torch.nn keeps a cached list here that some third-party code reassigns to refresh it;
+        # this list is derived from the attributes at every access, so there is nothing to
+        # refresh and the assignment is accepted without effect
+        pass
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script does not support fused_rnn.{type(self).__name__}; use "
+            "torch.compile or torch.export instead"
+        )
+
     @property
     def all_weights(self) -> list[list[Tensor]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
@@ -158,16 +171,9 @@ class RNNBase(nn.Module):
         return None
 
     def _cell_weights(self) -> list[CellWeights]:
-        out = []
-        for names in self._all_weights:
-            ws = {name.split("_l")[0]: getattr(self, name) for name in names}
-            out.append(
-                CellWeights(
-                    ws["weight_ih"], ws["weight_hh"], ws.get("bias_ih"), ws.get("bias_hh"),
-                    ws.get("weight_hr"), ws.get("weight_ch"),
-                )
-            )  # fmt: skip
-        return out
+        return functional._layer_weights(
+            self.all_weights, self.bias, self.proj_size > 0, self.peephole
+        )
 
     # --- input checks (torch's order and exception types) -----------------------------------
 
@@ -207,7 +213,7 @@ class RNNBase(nn.Module):
     def _check_hidden(hx: Tensor, expected: tuple, input: Tensor, msg: str) -> None:
         if hx.size() != expected:
             raise RuntimeError(msg.format(expected, list(hx.size())))
-        if hx.dtype != input.dtype:
+        if hx.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 f"hidden state dtype ({hx.dtype}) does not match input dtype ({input.dtype})"
             )
@@ -222,14 +228,12 @@ class RNNBase(nn.Module):
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
         name = _MODE_NAME[self.mode]
-        num_directions = 2 if self.bidirectional else 1
         R = self._real_hidden_size()
         is_packed = isinstance(input, PackedSequence)
         is_batched = True
         batch_sizes = None
         if is_packed:
             data, batch_sizes = input.data, input.batch_sizes
-            batch = int(batch_sizes[0])
         else:
             data = input
             if input.dim() not in (2, 3):
@@ -240,16 +244,12 @@ class RNNBase(nn.Module):
             is_batched = input.dim() == 3
             if not is_batched:
                 data = input.unsqueeze(0 if self.batch_first else 1)
-            batch = data.size(0) if self.batch_first else data.size(1)
             if hx is not None:
                 hx = self._check_hx_rank(hx, is_batched, is_lstm)
-        rows = self.num_layers * num_directions
-        if hx is None:
-            h0 = torch.zeros(rows, batch, R, dtype=data.dtype, device=data.device)
-            hx = (h0, torch.zeros(rows, batch, self.hidden_size, dtype=data.dtype,
-                                  device=data.device)) if is_lstm else h0  # fmt: skip
         self._check_input(data, batch_sizes)
-        if is_lstm:
+        if hx is None:
+            pass  # zeros of the input's dtype and device, made by the functional stack
+        elif is_lstm:
             self._check_hidden(hx[0], self._expected_hidden(data, batch_sizes, R), data,
                                "Expected hidden[0] size {}, got {}")  # fmt: skip
             self._check_hidden(hx[1], self._expected_hidden(data, batch_sizes, self.hidden_size),
@@ -465,6 +465,8 @@ class RNNCellBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+
+    __prepare_scriptable__ = RNNBase.__prepare_scriptable__
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"

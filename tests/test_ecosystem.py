@@ -518,3 +518,30 @@ def test_autocast_bf16_fused_lstm():
         expected, got = _flat(ref(x)), _flat(ours(x))
     assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.bfloat16] * 3
     _close(got, expected, rtol=5e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_autocast_accepts_low_precision_state(cls):
+    """Under autocast torch.nn runs an hx whose dtype differs from the input's; so do we."""
+    ref = getattr(torch.nn, cls)(4, 8)
+    ours = getattr(fused_rnn, cls)(4, 8)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 4)
+    h = torch.randn(1, 2, 8).bfloat16()
+    hx = (h, h) if cls == "LSTM" else h
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x, hx)[0], ours(x, hx)[0]
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same native op on this path
+    with pytest.raises(RuntimeError, match="dtype"):  # outside autocast it is an error
+        ours(x, hx)
+
+
+def test_flat_weights_assignment_and_jit_script():
+    m = fused_rnn.LSTM(3, 4, 2)
+    names = m._flat_weights_names
+    m._flat_weights = []  # third-party code refreshes torch's cache this way: nothing to refresh
+    assert [w is getattr(m, n) for w, n in zip(m._flat_weights, names)] == [True] * len(names)
+    for module in (m, fused_rnn.GRUCell(3, 4)):
+        with pytest.raises(RuntimeError, match="torch.jit.script does not support"):
+            torch.jit.script(module)
