@@ -319,13 +319,11 @@ def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, b
     if hx is None:
         h0 = data.new_zeros(num_layers * D, batch, R)
         c0 = data.new_zeros(num_layers * D, batch, H) if mode == "LSTM" else None
-    elif mode == "LSTM":
-        h0, c0 = hx
     else:
-        h0, c0 = hx, None
-    if packed and input.sorted_indices is not None:
-        h0 = h0.index_select(1, input.sorted_indices)
-        c0 = None if c0 is None else c0.index_select(1, input.sorted_indices)
+        h0, c0 = hx if mode == "LSTM" else (hx, None)
+        if packed and input.sorted_indices is not None:  # the caller's batch order -> sorted
+            h0 = h0.index_select(1, input.sorted_indices)
+            c0 = None if c0 is None else c0.index_select(1, input.sorted_indices)
     out, hn, cn = _run(mode, input, h0, c0, cw, num_layers=num_layers, bidirectional=bidirectional,
                        batch_first=batch_first, dropout=dropout, training=training,
                        coupled=coupled, variant=peephole or coupled, backend=backend)  # fmt: skip
