@@ -416,7 +416,8 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+    # out_dtype named: Triton 3.6 asserts it equals the accumulator's (fp64 under the interpreter)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
 
 
 @triton.jit
