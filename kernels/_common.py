@@ -5,8 +5,9 @@ the output allocator (NaN-poisoned on request, so tests prove every element is w
 one place where inputs are made contiguous and checked for a common dtype and device, and the
 persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
 decision (`choose`) and the cooperative launch (`launch_persistent`).
-Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the live-step mask `_live`, and
-the grid barrier `_grid_barrier` of the persistent kernels.
+Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
+the stepwise kernels, the live-step mask `_live`, and the grid barrier `_grid_barrier` and
+split-K products of the persistent kernels.
 
 Public names here are used by all cells: keep them stable.
 """
@@ -51,6 +52,7 @@ __all__ = [
     "_sigmoid",
     "_tanh",
     "_dot",
+    "_mm_tile",
     "_live",
     "_grid_barrier",
     "_load_split_a",
@@ -418,6 +420,38 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
             b = b.to(tl.float32)
     # out_dtype named: Triton 3.6 asserts it equals the accumulator's (fp64 under the interpreter)
     return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _mm_tile(
+    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
+    a,  # A[m, k] at a + m * stride_am + k * stride_ak
+    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
+    stride_am,
+    stride_ak,
+    stride_xb,
+    o_m,
+    m_m,
+    o_b,
+    m_b,
+    K,
+    DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """b_acc + A[o_m, :K] @ X[o_b, :K]^T, a `tl.dot` per BLOCK_K chunk of the reduction."""
+    for k in range(0, K, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(
+            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_x = tl.load(
+            x + o_b[None, :] * stride_xb + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
+        )
+        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
+    return b_acc
 
 
 @triton.jit

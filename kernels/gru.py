@@ -67,12 +67,12 @@ import triton.language as tl
 from .. import _ops
 from ._common import (
     PERSISTENT_WARPS,
-    _dot,
     _dot_split,
     _grid_barrier,
     _live,
     _load_split_a,
     _load_split_b,
+    _mm_tile,
     _sigmoid,
     _tanh,
     acc_dtype,
@@ -148,6 +148,21 @@ def _gru_store_ws(p, b_r, b_z, b_n, b_an, m_hb, H):
 
 
 @triton.jit
+def _gru_fwd_step(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, p_h, p_y, ws, o_ws, m_hb, H,
+                  CELL: tl.constexpr, ACC: tl.constexpr, STORE_WS: tl.constexpr):  # fmt: skip
+    """`_gru_cell` from h = b_h (in hs's dtype), then h' stored at p_h (h where the step is dead),
+    y_t at p_y (0 where dead) and, with STORE_WS, r | z | n | hn at ws + o_ws. Returns h'."""
+    b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
+    if STORE_WS:
+        _gru_store_ws(ws + o_ws, b_r, b_z, b_n, b_an, m_hb, H)
+    b_hnew = b_hnew.to(p_h.dtype.element_ty)
+    b_h = tl.where(m_live, b_hnew, b_h)
+    tl.store(p_h, b_h, mask=m_hb)
+    tl.store(p_y, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+    return b_h
+
+
+@triton.jit
 def _gru_load_saved(ws, o_ws, p_h, p_hnew, m_hb, H, CELL: tl.constexpr, ACC: tl.constexpr):
     """What backward reads of forward at one step: GRU (r, z, n, hn) at ws + o_ws and h_{t-1}
     at p_h; RNN h' at p_hnew, in all five places (four unused). ws is None for the RNN."""
@@ -199,35 +214,14 @@ def _gru_store_dgx(p_dgx, dhn, o_dhn, b_d0, b_dz, b_dn, b_dhn, m_hb, H, CELL: tl
 
 
 @triton.jit
-def _mm_tile(
-    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
-    a,  # A[m, k] at a + m * stride_am + k * stride_ak
-    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
-    stride_am,
-    stride_ak,
-    stride_xb,
-    o_m,
-    m_m,
-    o_b,
-    m_b,
-    K,
-    DOT_PREC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """b_acc + A[o_m, :K] @ X[o_b, :K]^T, a `tl.dot` per BLOCK_K chunk of the reduction."""
-    for k in range(0, K, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_a = tl.load(
-            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        b_x = tl.load(
-            x + o_b[None, :] * stride_xb + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-        )
-        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
-    return b_acc
+def _gru_bwd_step(b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, p_dgx, dhn, o_dhn, m_hb, H,
+                  CELL: tl.constexpr):  # fmt: skip
+    """dy_t added to dh where the step is live (y_t is a constant 0 where it is dead: its gradient
+    goes nowhere), `_gru_cell_bwd`, and `_gru_store_dgx` at p_dgx, dhn + o_dhn. Returns carry."""
+    b_dh += tl.where(m_live, b_dy, 0.0)
+    b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL)
+    _gru_store_dgx(p_dgx, dhn, o_dhn, b_d0, b_dz, b_dn, b_dhn, m_hb, H, CELL)
+    return b_carry
 
 
 @triton.heuristics(
@@ -278,7 +272,7 @@ def _fwd_step_kernel(
     # recurrent products a_g = (h W_g^T)^T, one tl.dot per gate block over h
     b_z0 = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
     b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
-    b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0).to(ACC)
+    b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0)
     b_az, b_an = b_a0, b_a0  # the RNN has one gate block
     if CELL == 0:
         b_az = _mm_tile(
@@ -290,16 +284,12 @@ def _fwd_step_kernel(
         if HAS_B_HN:
             b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_g0, b_gz, b_gn = _gru_load_gx(p_gx, m_hb, H, CELL, ACC)
-    b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, CELL)
-    if STORE_WS:
-        p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
-        _gru_store_ws(p_ws, b_r, b_z, b_n, b_an, m_hb, H)
-
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    b_y = tl.where(m_live, b_hnew, 0.0)
-    b_hnew = tl.where(m_live, b_hnew, b_h)
-    tl.store(y + i_t * B * H + o_bh, b_y.to(y.dtype.element_ty), mask=m_hb)
-    tl.store(hs + s_out.to(tl.int64) * B * H + o_bh, b_hnew.to(hs.dtype.element_ty), mask=m_hb)
+    _gru_fwd_step(
+        b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out.to(tl.int64) * B * H + o_bh,
+        y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+        m_hb, H, CELL, ACC, STORE_WS,
+    )  # fmt: skip
 
 
 @triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
@@ -359,20 +349,15 @@ def _bwd_step_kernel(
     if HAS_STEP:
         i_t = t.to(tl.int64)
         m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-        # y_t is a constant 0 where the step is dead: its gradient goes nowhere
         b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
-        b_dh += tl.where(m_live, b_dy, 0.0)
         b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
             ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
             hs + s_in.to(tl.int64) * B * H + o_bh, hs + s_out.to(tl.int64) * B * H + o_bh,
             m_hb, H, CELL, ACC,
         )  # fmt: skip
-        b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
-            b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
-        )
-        _gru_store_dgx(
-            dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
-            m_hb, H, CELL,
+        b_carry = _gru_bwd_step(
+            b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
+            i_t * B * H + o_bh, m_hb, H, CELL,
         )  # fmt: skip
         tl.store(carry + o_bh, b_carry, mask=m_hb)
     else:
@@ -453,14 +438,11 @@ def _fwd_persistent_kernel(
         if CELL == 0:
             b_az = _dot_split(b_wz, b_ht, b_zero, DOT_PREC)
             b_an = _dot_split(b_wn, b_ht, b_zero + b_bhn, DOT_PREC)
-        b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
-        if STORE_WS:
-            p_ws = ws + i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
-            _gru_store_ws(p_ws, b_r, b_z, b_n, b_an, m_hb, H)
-        b_hnew = b_hnew.to(hs.dtype.element_ty)
-        b_h = tl.where(m_live, b_hnew, b_h)
-        tl.store(hs + s_out * B * H + o_bh, b_h, mask=m_hb)
-        tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+        b_h = _gru_fwd_step(
+            b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out * B * H + o_bh,
+            y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+            m_hb, H, CELL, ACC, STORE_WS,
+        )  # fmt: skip
 
 
 @triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
@@ -532,14 +514,9 @@ def _bwd_persistent_kernel(
                 b_dh = _dot_split(b_wtz, b_dg, b_dh, DOT_PREC)
                 b_dg = _load_split_b(dhn + i_n * B * H, o_b, m_b, H, H, SPLIT_K, BLOCK_K)
                 b_dh = _dot_split(b_wtn, b_dg, b_dh, DOT_PREC)
-        # y_t is a constant 0 where the step is dead: its gradient goes nowhere
-        b_dh += tl.where(m_live, b_dy, 0.0)
-        b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
-            b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
-        )
-        _gru_store_dgx(
-            dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
-            m_hb, H, CELL,
+        b_carry = _gru_bwd_step(
+            b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
+            i_t * B * H + o_bh, m_hb, H, CELL,
         )  # fmt: skip
     tl.store(carry + o_bh, b_carry, mask=m_hb)
 

@@ -74,6 +74,7 @@ from ._common import (
     _live,
     _load_split_a,
     _load_split_b,
+    _mm_tile,
     _sigmoid,
     _tanh,
     acc_dtype,
@@ -197,6 +198,35 @@ def _lstm_cell_bwd(b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po,
 
 
 @triton.jit
+def _lstm_load_saved(p_gates, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED: tl.constexpr,
+                     ACC: tl.constexpr):  # fmt: skip
+    """What backward reads of forward at one step, (BLOCK_H, BLOCK_B) each in ACC: the activated
+    gates (i, f, g, o) at p_gates (coupled: i = 1 - f), c_{t-1} and c' from slots s_in, s_out."""
+    b_i, b_f, b_g, b_o = _load_gate_blocks(p_gates, m_hb, H, COUPLED, ACC)
+    if COUPLED:
+        b_i = 1.0 - b_f
+    b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
+    b_c = tl.load(cs + s_out * B * H + o_c, mask=m_hb, other=0.0)
+    return b_i, b_f, b_g, b_o, b_cp, b_c
+
+
+@triton.jit
+def _lstm_bwd_step(p_da, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live,
+                   m_hb, H, COUPLED: tl.constexpr, HAS_PEEP: tl.constexpr):  # fmt: skip
+    """`_lstm_cell_bwd`, then da stored at p_da (one step's (B, G*H) slab, zero where the step is
+    dead). Returns dc_{t-1}: dc passed through unchanged where the step is dead."""
+    b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
+        b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+    )
+    b_dcp = tl.where(m_live, b_dcp, b_dc)
+    _store_gate_blocks(
+        p_da, tl.where(m_live, b_dai, 0.0), tl.where(m_live, b_daf, 0.0),
+        tl.where(m_live, b_dag, 0.0), tl.where(m_live, b_dao, 0.0), m_hb, H, COUPLED,
+    )  # fmt: skip
+    return b_dcp
+
+
+@triton.jit
 def _dh_from_next(
     dgx,  # (T, B, G*H) da of every step; step t_next is complete (previous launch)
     w_hh,  # (G*H, R)
@@ -221,19 +251,11 @@ def _dh_from_next(
 
     da_{t_next} W_hh[:, o_r] where t_next was live, else dh passed through unchanged.
     """
-    p_da = dgx + t_next.to(tl.int64) * B * GH
-    b_acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC)
-    for k in range(0, GH, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < GH
-        # W_hh^T tile (BLOCK_R, BLOCK_K) and da^T tile (BLOCK_K, BLOCK_B)
-        b_w = tl.load(
-            w_hh + o_k[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_k[None, :], other=0.0
-        )
-        b_da = tl.load(
-            p_da + o_b[None, :] * GH + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-        )
-        b_acc = _dot(b_w, b_da, b_acc, DOT_PREC)
+    # W_hh^T (rows o_r = columns of W_hh) times da^T, over G*H
+    b_acc = _mm_tile(
+        tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC), w_hh, dgx + t_next.to(tl.int64) * B * GH, 1, R,
+        GH, o_r, m_r, o_b, m_b, GH, DOT_PREC, BLOCK_K,
+    )  # fmt: skip
     if HAS_LEN:
         m_live = _live(lengths, t_next, o_b, m_b, HAS_LEN)
         b_old = tl.load(dh + o_b[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_b[None, :])
@@ -369,18 +391,11 @@ def _lstm_fwd_proj_kernel(
     s_in = t64 + 1 if REVERSE else t64
     s_out = t64 if REVERSE else t64 + 1
 
-    p_m = ms + t64 * B * H
-    b_acc = tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC)
-    for k in range(0, H, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < H
-        b_w = tl.load(
-            w_hr + o_p[:, None] * H + o_k[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0
-        )
-        b_mt = tl.load(
-            p_m + o_b[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-        )
-        b_acc = _dot(b_w, b_mt, b_acc, DOT_PREC)
+    # h = m W_hr^T for rows o_p of h, over H
+    b_acc = _mm_tile(
+        tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), w_hr, ms + t64 * B * H, H, 1, H,
+        o_p, m_p, o_b, m_b, H, DOT_PREC, BLOCK_K,
+    )  # fmt: skip
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     o_h = o_b[None, :] * P + o_p[:, None]
@@ -486,19 +501,11 @@ def _lstm_bwd_cell_kernel(
 
     # dm: gradient of m = o * tanh(c') for units o_h, (BLOCK_H, BLOCK_B)
     if HAS_PROJ:
-        p_dh = dhs + t64 * B * R
-        b_dm = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
-        for k in range(0, R, BLOCK_K):
-            o_k = k + tl.arange(0, BLOCK_K)
-            m_k = o_k < R
-            # W_hr^T tile (BLOCK_H, BLOCK_K) and dh^T tile (BLOCK_K, BLOCK_B)
-            b_w = tl.load(
-                w_hr + o_k[None, :] * H + o_h[:, None], mask=m_h[:, None] & m_k[None, :], other=0.0
-            )
-            b_d = tl.load(
-                p_dh + o_b[None, :] * R + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-            )
-            b_dm = _dot(b_w, b_d, b_dm, DOT_PREC)
+        # dm = dh W_hr: W_hr^T (rows o_h = columns of W_hr) times dh^T, over P
+        b_dm = _mm_tile(
+            tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), w_hr, dhs + t64 * B * R, 1, H, R,
+            o_h, m_h, o_b, m_b, R, DOT_PREC, BLOCK_K,
+        )  # fmt: skip
     else:
         if USE_NEXT:
             t_next = t - 1 if REVERSE else t + 1
@@ -512,23 +519,17 @@ def _lstm_bwd_cell_kernel(
         b_dm += tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
-    b_i, b_f, b_g, b_o = _load_gate_blocks(gates + o_gx, m_hb, H, COUPLED, ACC)
-    if COUPLED:
-        b_i = 1.0 - b_f
-    b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
-    b_c = tl.load(cs + s_out * B * H + o_c, mask=m_hb, other=0.0)
-    b_dc_in = tl.load(dc + o_c, mask=m_hb, other=0.0)
-    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
-    b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
-        b_dm, b_dc_in, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+    b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
+        gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
-
+    b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
+    b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    tl.store(dc + o_c, tl.where(m_live, b_dcp, b_dc_in), mask=m_hb)
-    _store_gate_blocks(
-        dgx + o_gx, tl.where(m_live, b_dai, 0.0), tl.where(m_live, b_daf, 0.0),
-        tl.where(m_live, b_dag, 0.0), tl.where(m_live, b_dao, 0.0), m_hb, H, COUPLED,
+    b_dc = _lstm_bwd_step(
+        dgx + o_gx, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live, m_hb, H,
+        COUPLED, HAS_PEEP,
     )  # fmt: skip
+    tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
 @triton.heuristics(
@@ -725,12 +726,9 @@ def _lstm_bwd_persistent_kernel(
         s_in = t64 + 1 if REVERSE else t64
         s_out = t64 if REVERSE else t64 + 1
         # forward's buffers and dy: independent of the other programs, loaded before the wait
-        p_gates = gates + t64 * B * G * H + o_g
-        b_i, b_f, b_g, b_o = _load_gate_blocks(p_gates, m_hb, H, COUPLED, ACC)
-        if COUPLED:
-            b_i = 1.0 - b_f
-        b_cp = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
-        b_c = tl.load(cs + s_out * B * H + o_c, mask=m_hb, other=0.0)
+        b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
+            gates + t64 * B * G * H + o_g, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
+        )
         b_dy = tl.load(dy + t64 * B * R + o_dq, mask=m_qb, other=0.0).to(ACC)
         m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
         if k > 0:
@@ -758,14 +756,9 @@ def _lstm_bwd_persistent_kernel(
             b_dm = _dot_split(b_wrt, b_dht, tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), DOT_PREC)
         else:
             b_dm = b_dh + b_dy
-        b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
-            b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
-        )
-        b_dc = tl.where(m_live, b_dcp, b_dc)
-        _store_gate_blocks(
-            dgx + t64 * B * G * H + o_g, tl.where(m_live, b_dai, 0.0),
-            tl.where(m_live, b_daf, 0.0), tl.where(m_live, b_dag, 0.0),
-            tl.where(m_live, b_dao, 0.0), m_hb, H, COUPLED,
+        b_dc = _lstm_bwd_step(
+            dgx + t64 * B * G * H + o_g, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
+            b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
         )  # fmt: skip
     tl.store(dh + o_dq, b_dh, mask=m_qb)
     tl.store(dc + o_c, b_dc, mask=m_hb)
@@ -779,28 +772,49 @@ def _state_index(T: int, reverse: bool) -> tuple[int, int]:
     return (T, 0) if reverse else (0, T)
 
 
-def _persistent_tiles(H: int, B: int, P: int, device):
+def _dims(x, w_hh, coupled: bool):
+    """(T, B, G*H, G, H, R) from a (T, B, G*H) buffer (gx, gates or dgx) and W_hh (G*H, R)."""
+    T, B, GH = x.shape
+    G = 3 if coupled else 4
+    return T, B, GH, G, GH // G, w_hh.shape[1]
+
+
+def _stepwise_meta(B: int, N: int, K: int, block: str):
+    """(grid, launch constexprs) of a stepwise kernel whose programs own `block` (a BLOCK_*
+    name) of N rows (units or rows of h) for BLOCK_B sequences, reducing over K in BLOCK_K."""
+    BLOCK_B = block_b(B)
+    n_b = triton.cdiv(B, BLOCK_B)
+    BLOCK_N = block_h(N, n_b)
+    meta = {block: BLOCK_N, "BLOCK_B": BLOCK_B, "BLOCK_K": block_k(K)}
+    return (triton.cdiv(N, BLOCK_N), n_b), dict(meta, num_warps=num_warps(BLOCK_N, BLOCK_B))
+
+
+def _persistent_meta(H: int, B: int, R: int, proj: bool, device):
+    """(grid, tile constexprs) of the persistent kernels, forward and backward alike."""
     sm = 1 if is_interpreter() else device_props(device).sm_count
-    return persistent_tiles(H, B, P, sm)
+    BLOCK_H, BLOCK_P, BLOCK_B, grid = persistent_tiles(H, B, R if proj else 0, sm)
+    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
+    meta = dict(
+        BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
+        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
+    )  # fmt: skip
+    return grid, meta
 
 
 def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled):
     """One persistent launch over the sequence; False (nothing run) if it cannot run safely."""
-    T, B, GH = gx.shape
-    G = 3 if coupled else 4
-    H, R = GH // G, w_hh.shape[1]
+    T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     proj = w_hr is not None
-    BLOCK_H, BLOCK_P, BLOCK_B, grid = _persistent_tiles(H, B, R if proj else 0, gx.device)
-    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
-    onchip = G * BLOCK_H * BLOCK_R + (BLOCK_P * BLOCK_HK if proj else 0)
+    grid, meta = _persistent_meta(H, B, R, proj, gx.device)
+    onchip = G * meta["BLOCK_H"] * meta["BLOCK_R"] + (
+        meta["BLOCK_P"] * meta["BLOCK_HK"] if proj else 0
+    )
     return launch_persistent(
         _lstm_fwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
         onchip_bytes=onchip * gx.element_size(), device=gx.device,
         gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
         lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled, REVERSE=reverse,
-        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype), BLOCK_H=BLOCK_H,
-        BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
-        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
+        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype), **meta,
     )  # fmt: skip
 
 
@@ -811,9 +825,7 @@ def _lstm_fwd(
 
     persistent=True: one persistent launch when it can run safely, else the stepwise loop.
     """
-    T, B, GH = gx.shape
-    G = 3 if coupled else 4
-    H, R = GH // G, w_hh.shape[1]
+    T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
     dev = gx.device
     s0, _ = _state_index(T, reverse)
@@ -829,32 +841,19 @@ def _lstm_fwd(
     ):
         return y, hs, cs, gates, ms
 
-    BLOCK_B = block_b(B)
-    n_b = triton.cdiv(B, BLOCK_B)
-    BLOCK_H = block_h(H, n_b)
-    cell_grid = (triton.cdiv(H, BLOCK_H), n_b)
-    cell_kw = dict(
-        G=G, COUPLED=coupled, REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt),
-        BLOCK_H=BLOCK_H, BLOCK_B=BLOCK_B, BLOCK_K=block_k(R), num_warps=num_warps(BLOCK_H, BLOCK_B),
-    )  # fmt: skip
+    kw = dict(REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
+    cell_grid, cell_kw = _stepwise_meta(B, H, R, "BLOCK_H")
     if w_hr is not None:
-        P = R
-        BLOCK_P = block_h(P, n_b)
-        proj_grid = (triton.cdiv(P, BLOCK_P), n_b)
-        proj_kw = dict(
-            REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt),
-            BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_K=block_k(H),
-            num_warps=num_warps(BLOCK_P, BLOCK_B),
-        )  # fmt: skip
+        proj_grid, proj_kw = _stepwise_meta(B, R, H, "BLOCK_P")
     for s in range(T):
         t = T - 1 - s if reverse else s
         _lstm_fwd_cell_kernel[cell_grid](
             gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_ch=w_ch,
-            lengths=lengths, t=t, B=B, H=H, R=R, **cell_kw,
+            lengths=lengths, t=t, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw, **cell_kw,
         )  # fmt: skip
         if w_hr is not None:
             _lstm_fwd_proj_kernel[proj_grid](
-                ms=ms, w_hr=w_hr, hs=hs, y=y, lengths=lengths, t=t, B=B, H=H, P=P, **proj_kw
+                ms=ms, w_hr=w_hr, hs=hs, y=y, lengths=lengths, t=t, B=B, H=H, P=R, **kw, **proj_kw
             )
     return y, hs, cs, gates, ms
 
@@ -863,21 +862,17 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
                          coupled):  # fmt: skip
     """One persistent launch over the reversed sequence; False (nothing run) if it cannot run
     safely. Leaves in dh and dc what the stepwise loop leaves there."""
-    T, B, GH = gates.shape
-    G = 3 if coupled else 4
-    H, R = GH // G, w_hh.shape[1]
+    T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     proj = w_hr is not None
-    BLOCK_H, BLOCK_P, BLOCK_B, grid = _persistent_tiles(H, B, R if proj else 0, dy.device)
-    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
-    onchip = G * (BLOCK_P if proj else BLOCK_H) * BLOCK_HK + (BLOCK_H * BLOCK_R if proj else 0)
+    grid, meta = _persistent_meta(H, B, R, proj, dy.device)
+    BLOCK_Q = meta["BLOCK_P"] if proj else meta["BLOCK_H"]
+    onchip = G * BLOCK_Q * meta["BLOCK_HK"] + (meta["BLOCK_H"] * meta["BLOCK_R"] if proj else 0)
     return launch_persistent(
         _lstm_bwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
         onchip_bytes=onchip * dy.element_size(), device=dy.device,
         dgx=dgx, gates=gates, cs=cs, dh=dh, dc=dc, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
         w_ch=w_ch, lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled,
-        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype),
-        BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
-        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
+        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype), **meta,
     )  # fmt: skip
 
 
@@ -913,47 +908,30 @@ def _lstm_bwd(
 def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
                        coupled):  # fmt: skip
     """One launch (two with a projection) per step, reverse time order."""
-    T, B, GH = gates.shape
-    G = 3 if coupled else 4
-    H, R = GH // G, w_hh.shape[1]
-    dt, acc = dy.dtype, cs.dtype
-    BLOCK_B = block_b(B)
-    n_b = triton.cdiv(B, BLOCK_B)
-    BLOCK_H = block_h(H, n_b)
-    cell_grid = (triton.cdiv(H, BLOCK_H), n_b)
-    prec = dot_precision(dt)
-    cell_kw = dict(
-        G=G, COUPLED=coupled, REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=prec, BLOCK_H=BLOCK_H,
-        BLOCK_B=BLOCK_B, BLOCK_K=block_k(R if w_hr is not None else GH),
-        num_warps=num_warps(BLOCK_H, BLOCK_B),
-    )  # fmt: skip
+    T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
+    kw = dict(REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype))
+    cell_grid, cell_kw = _stepwise_meta(B, H, R if w_hr is not None else GH, "BLOCK_H")
     if w_hr is not None:
-        BLOCK_P = block_h(R, n_b)
-        dh_grid = (triton.cdiv(R, BLOCK_P), n_b)
-        dh_kw = dict(
-            REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=prec, BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B,
-            BLOCK_K=block_k(GH), num_warps=num_warps(BLOCK_P, BLOCK_B),
-        )  # fmt: skip
+        dh_grid, dh_kw = _stepwise_meta(B, R, GH, "BLOCK_P")
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if reverse else s
         use_next = s < T - 1
         if w_hr is not None:
             _lstm_bwd_dh_kernel[dh_grid](
                 dgx=dgx, w_hh=w_hh, dh=dh, dy=dy, dhs=dhs, lengths=lengths, t=t, B=B, GH=GH,
-                P=R, USE_NEXT=use_next, **dh_kw,
+                P=R, USE_NEXT=use_next, **kw, **dh_kw,
             )  # fmt: skip
         _lstm_bwd_cell_kernel[cell_grid](
             dgx=dgx, gates=gates, cs=cs, dc=dc, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
-            w_ch=w_ch, lengths=lengths, t=t, B=B, H=H, R=R, USE_NEXT=use_next, **cell_kw,
+            w_ch=w_ch, lengths=lengths, t=t, B=B, H=H, R=R, G=G, COUPLED=coupled,
+            USE_NEXT=use_next, **kw, **cell_kw,
         )  # fmt: skip
 
 
 def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs):
     """After the reverse loop: dh0, dc0 and the weight gradients, one GEMM / reduction each over
     all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)."""
-    T, B, GH = dgx.shape
-    G = 3 if coupled else 4
-    H, R = GH // G, w_hh.shape[1]
+    T, B, GH, G, H, R = _dims(dgx, w_hh, coupled)
     dt, acc = hs.dtype, cs.dtype
     need_gx, need_h0, need_c0, need_whh, need_whr, need_wch = needs
     h_prev = hs[1:] if reverse else hs[:-1]  # (T, B, R): the state each step read
