@@ -1,4 +1,4 @@
-"""GRU recurrence (and the plain RNN's, see rnn.py), stepwise: one fused launch per timestep.
+"""GRU and Elman RNN (rnn.py) recurrences in Triton: stepwise (one launch per step) and persistent.
 
 Legend
     T  time steps         B  batch         H  hidden units

@@ -1,4 +1,4 @@
-"""LSTM recurrence, stepwise: one fused Triton launch per timestep (DESIGN.md "stepwise").
+"""LSTM recurrence in Triton: stepwise (one launch per timestep) and persistent (one per sequence).
 
 Legend
     T  time steps            B  batch                 H  hidden units (cell width)
