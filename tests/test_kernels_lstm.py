@@ -13,16 +13,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DEVICE,
+    Case,
+    check_case,
+    loss_of,
+    make_lengths,
+    make_problem,
+    rel_err,
+    run_kernel,
+)
 
 from fused_rnn import reference  # noqa: E402
 from fused_rnn.kernels import _common  # noqa: E402
 from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
 from fused_rnn.kernels.lstm import lstm_recurrence  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Relative error bound ‖kernel - reference‖ / ‖reference‖ per tensor, against float64 maths on
 # the same (rounded) inputs.
@@ -37,127 +44,12 @@ TOL = {
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }
-DT_NAME = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-}
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("FUSED_RNN_POISON", "1")
-
-
-@dataclass(frozen=True)
-class Case:
-    B: int = 3
-    T: int = 7
-    H: int = 33
-    I: int = 5
-    P: int = 0  # proj_size, 0 = none
-    peep: bool = False
-    coupled: bool = False
-    lens: bool = False
-    reverse: bool = False
-    dtype: torch.dtype = torch.float64
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}-T{self.T}-H{self.H}-I{self.I}-{DT_NAME[self.dtype]}"]
-        parts += [f"proj{self.P}"] if self.P else []
-        parts += [n for n in ("peep", "coupled", "lens") if getattr(self, n)]
-        parts += ["rev"] if self.reverse else []
-        return "-".join(parts)
-
-
-def make_lengths(B: int, T: int) -> torch.Tensor:
-    """Unsorted lengths holding a full-length and a length-1 sequence (when B allows)."""
-    lengths = torch.randint(1, T + 1, (B,))
-    lengths[0] = T
-    if B > 1:
-        lengths[1] = 1
-    return lengths[torch.randperm(B)]
-
-
-def make_problem(c: Case):
-    """Float64 leaves (x, h0, c0, weights, lengths), rounded through c.dtype."""
-    G = 3 if c.coupled else 4
-    R = c.P or c.H
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-
-    def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, **f64) * scale).to(c.dtype).double().requires_grad_()
-
-    s = c.H**-0.5
-    w = reference.CellWeights(
-        w_ih=leaf(G * c.H, c.I, scale=s),
-        w_hh=leaf(G * c.H, R, scale=s),
-        b_ih=leaf(G * c.H, scale=0.1),
-        b_hh=leaf(G * c.H, scale=0.1),
-        w_hr=leaf(c.P, c.H, scale=s) if c.P else None,
-        w_ch=leaf((G - 1) * c.H, scale=0.5) if c.peep else None,
-    )
-    x = leaf(c.T, c.B, c.I)
-    h0, c0 = leaf(c.B, R, scale=0.5), leaf(c.B, c.H, scale=0.5)
-    lengths = make_lengths(c.B, c.T).to(DEVICE) if c.lens else None
-    return x, h0, c0, w, lengths
-
-
-def leaves(x, h0, c0, w):
-    return [x, h0, c0] + [v for v in w if v is not None]
-
-
-def run_kernel(c: Case, x, h0, c0, w, lengths):
-    """The kernel path in c.dtype on copies of the leaves; returns (outputs, leaves)."""
-    lv = [v.detach().to(c.dtype).requires_grad_() for v in leaves(x, h0, c0, w)]
-    xk, h0k, c0k, *ws = lv
-    wk = reference.CellWeights(*[ws.pop(0) if v is not None else None for v in w])
-    gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
-    out = lstm_recurrence(
-        gx, h0k, c0k, wk.w_hh, w_hr=wk.w_hr, w_ch=wk.w_ch, coupled=c.coupled,
-        lengths=lengths, reverse=c.reverse,
-    )  # fmt: skip
-    return out, lv
-
-
-def loss_of(out, cot):
-    return sum((o * d.to(o.dtype)).sum() for o, d in zip(out, cot, strict=True))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    assert torch.isfinite(a).all(), "non-finite values (unwritten poison?)"
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def check_case(c: Case):
-    x, h0, c0, w, lengths = make_problem(c)
-    ref = reference.recurrence("LSTM", x, h0, c0, w, lengths, c.reverse, c.coupled)
-    cot = [torch.randn_like(r) for r in ref]
-    ref_grads = torch.autograd.grad(loss_of(ref, cot), leaves(x, h0, c0, w))
-
-    out, lv = run_kernel(c, x, h0, c0, w, lengths)
-    for o, r in zip(out, ref, strict=True):
-        assert o.dtype == c.dtype and o.shape == r.shape
-    grads = torch.autograd.grad(loss_of(out, cot), lv)
-
-    names = ["y", "h_T", "c_T", "dx", "dh0", "dc0"] + [
-        "d" + n for n, v in zip(reference.CellWeights._fields, w, strict=True) if v is not None
-    ]
-    errs = {
-        n: rel_err(a, b)
-        for n, a, b in zip(names, list(out) + list(grads), list(ref) + list(ref_grads), strict=True)
-    }
-    bad = {n: e for n, e in errs.items() if not e <= TOL[c.dtype]}
-    assert not bad, f"relative errors over {TOL[c.dtype]:.0e}: {bad}"
-
-    if lengths is not None:  # dead steps: y exactly zero, no gradient reaches their input
-        dead = torch.arange(c.T, device=DEVICE)[:, None] >= lengths[None, :]
-        assert (out[0][dead] == 0).all()
-        assert (grads[0][dead] == 0).all()
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -198,7 +90,7 @@ LOW = [
 
 @pytest.mark.parametrize("c", GRID + SHAPES + LOW, ids=lambda c: c.id)
 def test_matches_reference(c):
-    check_case(c)
+    check_case(c, TOL[c.dtype])
 
 
 @pytest.mark.parametrize(
@@ -215,7 +107,7 @@ def test_small_tiles(c, monkeypatch):
     monkeypatch.setattr(lstm_mod, "block_b", lambda B: 16)
     monkeypatch.setattr(lstm_mod, "block_h", lambda H, n_b=1: 16)
     monkeypatch.setattr(lstm_mod, "block_k", lambda K: 16)
-    check_case(c)
+    check_case(c, TOL[c.dtype])
 
 
 # ----------------------------------------------------------------------------- autograd
