@@ -13,6 +13,7 @@ Each behaviour runs on the torch path and, where the kernels are involved, on th
 tiny). Comparisons are in float64 unless a test is about dtypes.
 """
 
+import contextlib
 import copy
 import io
 import os
@@ -497,12 +498,32 @@ def test_long_sequence_loop_path():
 # ============================================================================ autocast
 
 
+def _cpu_bf16_lstm_runs() -> bool:
+    """torch's CPU LSTM (oneDNN) runs bf16 only on CPUs with AVX-512; elsewhere it raises."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            torch.nn.LSTM(2, 2)(torch.randn(1, 1, 2))
+        except RuntimeError as e:
+            assert "primitive descriptor" in str(e), e
+            return False
+    return True
+
+
+CPU_BF16_LSTM = _cpu_bf16_lstm_runs()
+
+
 @pytest.mark.parametrize("cls", [*SEQ, "LSTMCell", "GRUCell", "RNNCell"])
 def test_autocast_bf16_torch_path(cls):
-    """torch.autocast("cpu", bfloat16): the same output dtype (and values) as torch.nn."""
+    """torch.autocast("cpu", bfloat16): the same output dtype (and values) as torch.nn, or the
+    same error where torch.nn's CPU LSTM cannot run bf16 on this CPU (the same native op)."""
     ref, ours = _pair(cls, "torch", 3, 5, dtype=torch.float32, device="cpu")
     seq = cls in SEQ
     x = torch.randn(3, 2, 3) if seq else torch.randn(2, 3)
+    if cls == "LSTM" and not CPU_BF16_LSTM:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(RuntimeError, match="primitive descriptor"):
+                ours(x)
+        return
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = _flat(ref(x)), _flat(ours(x))
     assert [t.dtype for t in got] == [t.dtype for t in expected]
@@ -511,11 +532,15 @@ def test_autocast_bf16_torch_path(cls):
 
 @pytest.mark.skipif(DEVICE != "cpu" or FUSED is None, reason="CPU autocast on the interpreter")
 def test_autocast_bf16_fused_lstm():
-    """The fused path under CPU autocast: LSTM in bf16 like torch.nn's (close values)."""
+    """The fused path under CPU autocast: LSTM in bf16 like torch.nn's (close values). Where
+    torch.nn cannot run bf16 on this CPU, against torch.nn in fp32 on bf16-rounded operands."""
+    from fused_rnn.bench.gpu_check import torch_nn_under_autocast
+
     ref, ours = _pair("LSTM", FUSED, 3, 5, dtype=torch.float32)
     x = torch.randn(3, 2, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = _flat(ref(x)), _flat(ours(x))
+        got = _flat(ours(x))
+    expected = _flat(torch_nn_under_autocast(ref, x, torch.bfloat16)[0])
     assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.bfloat16] * 3
     _close(got, expected, rtol=5e-2, atol=1.6e-2)
 
@@ -529,7 +554,9 @@ def test_autocast_accepts_low_precision_state(cls):
     x = torch.randn(3, 2, 4)
     h = torch.randn(1, 2, 8).bfloat16()
     hx = (h, h) if cls == "LSTM" else h
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # where oneDNN cannot run a bf16 LSTM on this CPU, both sides take torch's other CPU kernel
+    onednn = contextlib.nullcontext() if CPU_BF16_LSTM else torch.backends.mkldnn.flags(False)
+    with onednn, torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, y = ref(x, hx)[0], ours(x, hx)[0]
     assert y.dtype == y_ref.dtype
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same native op on this path
