@@ -4,15 +4,15 @@ Four operators wrap the Triton launchers of fused_rnn.kernels (GRU and Elman RNN
 launchers through the integer `cell`: 0 GRU, 1 RNN tanh, 2 RNN relu, kernels/gru.py's CELL_*):
 
     fused_rnn::lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,
-        Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, bool persistent)
+        Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, str backend)
         -> (y, h_T, c_T, hs, cs, gates, ms)
     fused_rnn::lstm_bwd(Tensor dy, Tensor dhT, Tensor dcT, Tensor hs, Tensor cs, Tensor gates,
         Tensor ms, Tensor w_hh, Tensor? w_hr, Tensor? w_ch, Tensor? lengths, bool reverse,
-        bool coupled, bool[] needs, bool persistent) -> (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)
+        bool coupled, bool[] needs, str backend) -> (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)
     fused_rnn::gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hn, Tensor? lengths,
-        bool reverse, int cell, bool store, bool persistent) -> (y, h_T, hs, ws)
+        bool reverse, int cell, bool store, str backend) -> (y, h_T, hs, ws)
     fused_rnn::gru_bwd(Tensor dy, Tensor dhT, Tensor hs, Tensor ws, Tensor w_hh,
-        Tensor? lengths, bool reverse, int cell, bool[] needs, bool persistent)
+        Tensor? lengths, bool reverse, int cell, bool[] needs, str backend)
         -> (dgx, dh0, dw_hh, db_hn)
 
 The forward operators return what backward needs (hs, cs, gates, ms / hs, ws: see the kernel
@@ -20,32 +20,35 @@ files' docstrings) as extra, non-differentiable outputs; a schema cannot return 
 buffer that does not exist (gates without `store`, ms without a projection, ws for the RNN) is
 an empty tensor, and so is a gradient that `needs` did not ask for. `store` (keep what backward
 needs) is decided by the caller, from grad mode and requires_grad, outside the operator.
-`persistent` selects the persistent kernels, passed to a launcher only when True (launchers
-without the keyword reject it with a RuntimeError).
+`backend` is the concrete backend that runs: "stepwise" or "persistent" (the Triton launchers of
+fused_rnn.kernels).
 
 The autograd formula is registered on the forward operators (`register_autograd`): eager and
 compiled runs share it, and torch.compile / torch.export see one opaque node per layer and
 direction, with a fake implementation for shapes. The backward operators' own formula raises:
 the fused recurrences are differentiable once (double backward needs backend="torch").
 
-`lstm_recurrence` and `gru_recurrence` below are the entry points (the stack in
-fused_rnn.functional calls them). Triton is imported only when an operator really runs, so
-importing this module (registering the operators) needs only torch.
+`lstm_recurrence` and `gru_recurrence` below call the operators without checking shapes (the
+stack in fused_rnn.functional, and fused_rnn.recurrence after its checks). This module is the
+one place where the operators' inputs are made contiguous and checked for one dtype and device
+(`normalize`). Triton is imported only when an operator really runs, so importing this module
+(registering the operators) needs only torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
-import inspect
 
 import torch
 from torch import Tensor
 
 from .dispatch import compile_constant
 
-__all__ = ["lstm_recurrence", "gru_recurrence", "cell_of"]
+__all__ = ["lstm_recurrence", "gru_recurrence", "cell_of", "normalize", "FUSED_IMPLS"]
+
+# the concrete backends the operators run (`backend` argument)
+FUSED_IMPLS = ("stepwise", "persistent")
 
 _CELL_NAMES = {"GRU": "CELL_GRU", "RNN_TANH": "CELL_RNN_TANH", "RNN_RELU": "CELL_RNN_RELU"}
 
@@ -68,30 +71,43 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.cache
-def _takes_persistent(fn) -> bool:
-    return "persistent" in inspect.signature(fn).parameters
-
-
-def _launch(fn, persistent: bool, *args):
-    """Runs a launcher on the device of its tensors: Triton compiles for and launches on the
-    current CUDA device and stream, which need not be the tensors' (a model on cuda:1)."""
-    kwargs = {}
-    if persistent:
-        if not _takes_persistent(fn):
-            raise RuntimeError(
-                f"fused_rnn: the installed kernels have no persistent variant of {fn.__name__}"
-            )
-        kwargs["persistent"] = True
+def _launch(fn, backend: str, *args):
+    """Runs a kernel launcher on the device of its tensors: Triton compiles for and launches on
+    the current CUDA device and stream, which need not be the tensors' (a model on cuda:1)."""
+    if backend not in FUSED_IMPLS:
+        raise ValueError(f"fused_rnn: unknown backend {backend!r} for a fused operator")
     device = next(a.device for a in args if isinstance(a, Tensor))
     scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with scope:
-        return fn(*args, **kwargs)
+        return fn(*args, persistent=backend == "persistent")
+
+
+def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None):
+    """Contiguous versions of `tensors` (None passes through), all of one dtype and device.
+
+    The dtype is `dtype` or that of the first tensor; a mismatch raises TypeError rather than
+    casting silently (the caller decides where a cast belongs, autograd must see it).
+    """
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return tensors
+    dtype = first.dtype if dtype is None else dtype
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if t.dtype != dtype:
+            raise TypeError(f"expected all tensors in {dtype}, got one in {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"expected all tensors on {first.device}, got one on {t.device}")
+        out.append(t.contiguous())
+    return tuple(out)
 
 
 def _prepare(lengths: Tensor | None, gx: Tensor, *tensors, dtype: torch.dtype | None = None):
-    """Contiguous tensors of one dtype and device (kernels' `normalize`), int64 lengths."""
-    out = _kernels("_common").normalize(gx, *tensors, dtype=dtype)
+    """Contiguous tensors of one dtype and device (`normalize`), int64 lengths."""
+    out = normalize(gx, *tensors, dtype=dtype)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
     return (*out, lengths)
@@ -127,14 +143,14 @@ def _zeros_if_none(g: Tensor | None, like: Tensor, shape) -> Tensor:
     "fused_rnn::lstm_fwd",
     mutates_args=(),
     schema="(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? w_ch, "
-    "Tensor? lengths, bool reverse, bool coupled, bool store, bool persistent) "
+    "Tensor? lengths, bool reverse, bool coupled, bool store, str backend) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
+def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, backend):
     lstm = _kernels("lstm")
     gx, h0, c0, w_hh, w_hr, w_ch, lengths = _prepare(lengths, gx, h0, c0, w_hh, w_hr, w_ch)
     y, hs, cs, gates, ms = _launch(
-        lstm._lstm_fwd, persistent, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
+        lstm.lstm_fwd, backend, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
     )
     s_T = 0 if reverse else gx.shape[0]
     h_T = hs[s_T].clone()
@@ -145,7 +161,7 @@ def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, per
 
 
 @lstm_fwd.register_fake
-def _(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent):
+def _(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, backend):
     T, B, GH = gx.shape
     H, R = GH // (3 if coupled else 4), w_hh.shape[1]
     acc = _acc(gx.dtype)
@@ -165,15 +181,15 @@ def _(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent
     mutates_args=(),
     schema="(Tensor dy, Tensor dhT, Tensor dcT, Tensor hs, Tensor cs, Tensor gates, Tensor ms, "
     "Tensor w_hh, Tensor? w_hr, Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, "
-    "bool[] needs, bool persistent) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool[] needs, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
-             persistent):  # fmt: skip
+             backend):  # fmt: skip
     lstm = _kernels("lstm")
     dy, dhT, dcT, w_hh, w_hr, w_ch, lengths = _prepare(lengths, dy, dhT, dcT, w_hh, w_hr, w_ch,
                                                        dtype=hs.dtype)  # fmt: skip
     grads = _launch(
-        lstm._lstm_bwd, persistent, dy, dhT, dcT, hs, cs, gates,
+        lstm.lstm_bwd, backend, dy, dhT, dcT, hs, cs, gates,
         ms if w_hr is not None else None, w_hh, w_hr, w_ch, lengths, reverse, coupled,
         tuple(needs),
     )  # fmt: skip
@@ -182,7 +198,7 @@ def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse
 
 @lstm_bwd.register_fake
 def _(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
-      persistent):  # fmt: skip
+      backend):  # fmt: skip
     T, B, R = dy.shape
     H = cs.shape[-1]
     shapes = [gates.shape, (B, R), (B, H), w_hh.shape]
@@ -193,11 +209,11 @@ def _(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupl
 
 
 def _lstm_setup(ctx, inputs, output):
-    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, persistent = inputs
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, backend = inputs
     _, _, _, hs, cs, gates, ms = output
     ctx.mark_non_differentiable(hs, cs, gates, ms)
     ctx.set_materialize_grads(False)
-    ctx.reverse, ctx.coupled, ctx.store, ctx.persistent = reverse, coupled, store, persistent
+    ctx.reverse, ctx.coupled, ctx.store, ctx.backend = reverse, coupled, store, backend
     ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths)
 
 
@@ -212,7 +228,7 @@ def _lstm_backward(ctx, dy, dhT, dcT, *_buffers):
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     grads = torch.ops.fused_rnn.lstm_bwd(
         dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, ctx.reverse, ctx.coupled,
-        needs, ctx.persistent,
+        needs, ctx.backend,
     )  # fmt: skip
     return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
 
@@ -222,8 +238,8 @@ lstm_bwd.register_autograd(_no_double_backward("lstm_bwd"))
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, reverse=False,
-                    coupled=False, persistent=False):  # fmt: skip
-    """y (T, B, R), h_T (B, R), c_T (B, H) of kernels.lstm.lstm_recurrence, through the op.
+                    coupled=False, backend="stepwise"):  # fmt: skip
+    """y (T, B, R), h_T (B, R), c_T (B, H) of one LSTM layer-direction, through the op.
 
     No shape checks here (the caller's): gx (T, B, G*H), h0 (B, R), c0 (B, H), w_hh (G*H, R),
     w_hr (P, H) or None, w_ch ((G-1)*H,) or None, lengths (B,) or None; one floating dtype.
@@ -231,7 +247,7 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, revers
     store = _needs_grad(gx, h0, c0, w_hh, w_hr, w_ch)
     y, h_T, c_T, *_ = torch.ops.fused_rnn.lstm_fwd(
         gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store,
-        bool(persistent),
+        backend,
     )  # fmt: skip
     return y, h_T, c_T
 
@@ -243,12 +259,12 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, revers
     "fused_rnn::gru_fwd",
     mutates_args=(),
     schema="(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hn, Tensor? lengths, bool reverse, "
-    "int cell, bool store, bool persistent) -> (Tensor, Tensor, Tensor, Tensor)",
+    "int cell, bool store, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def gru_fwd(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
+def gru_fwd(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, backend):
     gru = _kernels("gru")
     gx, h0, w_hh, b_hn, lengths = _prepare(lengths, gx, h0, w_hh, b_hn)
-    y, hs, ws = _launch(gru._forward, persistent, cell, gx, h0, w_hh, b_hn, lengths, reverse,
+    y, hs, ws = _launch(gru.gru_fwd, backend, cell, gx, h0, w_hh, b_hn, lengths, reverse,
                         store)  # fmt: skip
     h_T = hs[0 if reverse else gx.shape[0]].clone()
     return y, h_T, hs, _empty(gx, _acc(gx.dtype)) if ws is None else ws
@@ -259,7 +275,7 @@ def _gru_stores_ws(cell: int, store: bool) -> bool:
 
 
 @gru_fwd.register_fake
-def _(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
+def _(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, backend):
     T, B, _ = gx.shape
     H = h0.shape[-1]
     acc = _acc(gx.dtype)
@@ -271,20 +287,20 @@ def _(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent):
     "fused_rnn::gru_bwd",
     mutates_args=(),
     schema="(Tensor dy, Tensor dhT, Tensor hs, Tensor ws, Tensor w_hh, Tensor? lengths, "
-    "bool reverse, int cell, bool[] needs, bool persistent) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool reverse, int cell, bool[] needs, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def gru_bwd(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, persistent):
+def gru_bwd(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, backend):
     gru = _kernels("gru")
     dy, dhT, w_hh, lengths = _prepare(lengths, dy, dhT, w_hh, dtype=hs.dtype)
     grads = _launch(
-        gru._backward, persistent, cell, dy, dhT, hs, ws if cell == gru.CELL_GRU else None, w_hh,
+        gru.gru_bwd, backend, cell, dy, dhT, hs, ws if cell == gru.CELL_GRU else None, w_hh,
         lengths, reverse, tuple(needs),
     )  # fmt: skip
     return tuple(_empty(hs) if g is None else g for g in grads)
 
 
 @gru_bwd.register_fake
-def _(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, persistent):
+def _(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, backend):
     T, B, H = dy.shape
     G = w_hh.shape[0] // H
     shapes = [(T, B, G * H), (B, H), w_hh.shape, (H,)]
@@ -292,11 +308,11 @@ def _(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, persistent):
 
 
 def _gru_setup(ctx, inputs, output):
-    gx, h0, w_hh, b_hn, lengths, reverse, cell, store, persistent = inputs
+    gx, h0, w_hh, b_hn, lengths, reverse, cell, store, backend = inputs
     _, _, hs, ws = output
     ctx.mark_non_differentiable(hs, ws)
     ctx.set_materialize_grads(False)
-    ctx.reverse, ctx.cell, ctx.store, ctx.persistent = reverse, cell, store, persistent
+    ctx.reverse, ctx.cell, ctx.store, ctx.backend = reverse, cell, store, backend
     ctx.save_for_backward(hs, ws, w_hh, lengths)
 
 
@@ -309,7 +325,7 @@ def _gru_backward(ctx, dy, dhT, *_buffers):
     dhT = _zeros_if_none(dhT, hs, (B, H))
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads = torch.ops.fused_rnn.gru_bwd(
-        dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.cell, needs, ctx.persistent
+        dy, dhT, hs, ws, w_hh, lengths, ctx.reverse, ctx.cell, needs, ctx.backend
     )
     return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
 
@@ -318,14 +334,15 @@ gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
 gru_bwd.register_autograd(_no_double_backward("gru_bwd"))
 
 
-def gru_recurrence(cell, gx, h0, w_hh, b_hn=None, lengths=None, reverse=False, persistent=False):
-    """y (T, B, H), h_T (B, H) of kernels.gru's recurrence for `cell` (see `cell_of`).
+def gru_recurrence(cell, gx, h0, w_hh, b_hn=None, lengths=None, reverse=False,
+                   backend="stepwise"):  # fmt: skip
+    """y (T, B, H), h_T (B, H) of one GRU or RNN layer-direction (`cell`: see `cell_of`).
 
     No shape checks here (the caller's): gx (T, B, G*H) with G = 3 (GRU) or 1 (RNN), h0 (B, H),
     w_hh (G*H, H), b_hn (H,) or None (always None for the RNN), lengths (B,) or None.
     """
     store = _needs_grad(gx, h0, w_hh, b_hn)
     y, h_T, _, _ = torch.ops.fused_rnn.gru_fwd(
-        gx, h0, w_hh, b_hn, lengths, bool(reverse), int(cell), store, bool(persistent)
+        gx, h0, w_hh, b_hn, lengths, bool(reverse), int(cell), store, backend
     )
     return y, h_T

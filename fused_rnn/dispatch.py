@@ -33,12 +33,12 @@ FUSED_BACKENDS = ("stepwise", "persistent")
 # stepwise kernels where the persistent grid would not fit.
 PERSISTENT_IN_AUTO = False
 
-# mode -> (kernel module, function per fused backend)
+# mode -> (kernel module, its launcher): both fused backends run the same launchers
 _KERNELS = {
-    "LSTM": ("lstm", {"stepwise": "lstm_recurrence", "persistent": "lstm_recurrence_persistent"}),
-    "GRU": ("gru", {"stepwise": "gru_recurrence", "persistent": "gru_recurrence_persistent"}),
-    "RNN_TANH": ("rnn", {"stepwise": "rnn_recurrence", "persistent": "rnn_recurrence_persistent"}),
-    "RNN_RELU": ("rnn", {"stepwise": "rnn_recurrence", "persistent": "rnn_recurrence_persistent"}),
+    "LSTM": ("lstm", "lstm_fwd"),
+    "GRU": ("gru", "gru_fwd"),
+    "RNN_TANH": ("gru", "gru_fwd"),
+    "RNN_RELU": ("gru", "gru_fwd"),
 }
 
 
@@ -62,17 +62,16 @@ def _triton_error() -> str | None:
 
 
 @functools.cache
-def _kernel(mode: str, backend: str):
-    """The kernel entry point of `mode` on `backend`, or an error string."""
-    module, names = _KERNELS[mode]
+def _kernel_error(mode: str) -> str | None:
+    """None if the kernels of `mode` import, else why not."""
+    module, name = _KERNELS[mode]
     try:
         mod = importlib.import_module(f"fused_rnn.kernels.{module}")
     except ImportError as e:
         return f"fused_rnn.kernels.{module} is not available ({e})"
-    fn = getattr(mod, names[backend], None)
-    if fn is None:
-        return f"the {backend} {mode} kernel is not implemented"
-    return fn
+    if getattr(mod, name, None) is None:
+        return f"the {mode} kernels are not implemented"
+    return None
 
 
 def unavailable_reason(backend: str, mode: str, device: torch.device) -> str | None:
@@ -87,11 +86,7 @@ def unavailable_reason(backend: str, mode: str, device: torch.device) -> str | N
 
 
 def _import_error_impl(backend: str, mode: str) -> str | None:
-    err = _triton_error()
-    if err is not None:
-        return err
-    fn = _kernel(mode, backend)
-    return fn if isinstance(fn, str) else None
+    return _triton_error() or _kernel_error(mode)
 
 
 def compile_constant(fn):

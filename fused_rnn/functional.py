@@ -143,18 +143,16 @@ def _fused_recurrence(backend: str):
     """
     from . import _ops  # registers the operators; triton itself is imported when one runs
 
-    persistent = backend == "persistent"
-
     def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled):
         if mode == "LSTM":
             return _ops.lstm_recurrence(
-                gx, h0, c0, w.w_hh, w.w_hr, w.w_ch, lengths, reverse, coupled, persistent
+                gx, h0, c0, w.w_hh, w.w_hr, w.w_ch, lengths, reverse, coupled, backend
             )
         b_hn = None
         if mode == "GRU" and w.b_hh is not None:
             b_hn = w.b_hh[2 * w.w_hh.shape[1] :]  # r multiplies (W_hn h + b_hn): cannot fold
         y, h = _ops.gru_recurrence(
-            _ops.cell_of(mode), gx, h0, w.w_hh, b_hn, lengths, reverse, persistent
+            _ops.cell_of(mode), gx, h0, w.w_hh, b_hn, lengths, reverse, backend
         )
         return y, h, None
 

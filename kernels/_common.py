@@ -1,9 +1,8 @@
-"""Helpers shared by every cell's kernels (lstm.py, gru.py, rnn.py).
+"""Helpers shared by every cell's kernels (lstm.py, gru.py).
 
 Host side: interpreter detection, the `tl.dot` precision that matches cuDNN's RNN, block sizes,
-the output allocator (NaN-poisoned on request, so tests prove every element is written), the
-one place where inputs are made contiguous and checked for a common dtype and device, and the
-persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
+the output allocator (NaN-poisoned on request, so tests prove every element is written), and
+the persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
 decision (`choose`) and the cooperative launch (`launch_persistent`).
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
 the stepwise kernels, the live-step mask `_live`, and the grid barrier `_grid_barrier` and
@@ -38,7 +37,6 @@ __all__ = [
     "block_h",
     "block_k",
     "num_warps",
-    "normalize",
     "DeviceProps",
     "KernelResources",
     "PersistentConfig",
@@ -165,32 +163,6 @@ def num_warps(block_m: int, block_n: int) -> int:
     hit 255 registers and spilled to the stack on sm_90; 4 warps need ~180 and no stack.
     """
     return 8 if block_m * block_n >= 128 * 64 else 4
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def normalize(*tensors: torch.Tensor | None, dtype: torch.dtype | None = None):
-    """Contiguous versions of `tensors` (None passes through), all of one dtype and device.
-
-    The dtype is `dtype` or that of the first tensor; a mismatch raises TypeError rather than
-    casting silently (the caller decides where a cast belongs, autograd must see it).
-    """
-    first = next((t for t in tensors if t is not None), None)
-    if first is None:
-        return tensors
-    dtype = first.dtype if dtype is None else dtype
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        if t.dtype != dtype:
-            raise TypeError(f"expected all tensors in {dtype}, got one in {t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"expected all tensors on {first.device}, got one on {t.device}")
-        out.append(t.contiguous())
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- persistent launch

@@ -1,4 +1,4 @@
-"""GRU and Elman RNN (rnn.py) recurrences in Triton: stepwise (one launch per step) and persistent.
+"""GRU and Elman RNN recurrences in Triton: stepwise (one launch per step) and persistent.
 
 Legend
     T  time steps         B  batch         H  hidden units
@@ -29,7 +29,7 @@ the step that read h' through W_hh, and the direct term `carry` below):
 A dead step passes dh through unchanged (carry = dh) and has dgx = dgh = 0.
 
 Both cells share the kernels below: `CELL` (a constexpr) picks the GRU or the RNN maths, so
-rnn.py only holds the RNN's entry points. Kernels work on (hidden, batch) tiles: hidden units on
+the RNN needs no file of its own. Kernels work on (hidden, batch) tiles: hidden units on
 the MMA's M side, the small batch on N, padded to 16 with masks; one `tl.dot` per gate block.
 The per-step maths is written once, as jit helpers (`_gru_cell`, `_gru_cell_bwd`, their loads
 and stores), for both strategies (DESIGN.md):
@@ -64,7 +64,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _ops
 from ._common import (
     PERSISTENT_WARPS,
     _dot_split,
@@ -90,8 +89,8 @@ from ._common import (
 )
 
 __all__ = [
-    "gru_recurrence",
-    "gru_recurrence_persistent",
+    "gru_fwd",
+    "gru_bwd",
     "CELL_GRU",
     "CELL_RNN_TANH",
     "CELL_RNN_RELU",
@@ -555,7 +554,7 @@ def _persistent_meta(B: int, H: int, device):
     return grid, meta
 
 
-def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
+def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
     """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None.
 
     persistent=True: one persistent launch when it can run safely, else one launch per step.
@@ -587,7 +586,7 @@ def _forward(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fa
     return y, hs, ws
 
 
-def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=False):
+def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=False):
     """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so).
 
     persistent=True: one persistent launch when it can run safely, else one launch per step.
@@ -646,60 +645,3 @@ def _backward(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persisten
     if need_bhn:
         db_hn = dhn.sum((0, 1), dtype=acc).to(dt)
     return (dgx if need_gx else None), dh0, dw_hh, db_hn
-
-
-# =========================================================================== entry points
-
-
-def _recurrence(cell, gx, h0, w_hh, b_hn, lengths, reverse, persistent=False):
-    """Checks the shapes, then runs the fused_rnn::gru_fwd operator (GRU and RNN)."""
-    G = 3 if cell == CELL_GRU else 1
-    if gx.dim() != 3:
-        raise ValueError(f"gx must be (T, B, {G}*H), got shape {tuple(gx.shape)}")
-    T, B, GH = gx.shape
-    H = w_hh.shape[-1]
-    if T < 1:
-        raise ValueError("gx must have at least one time step")
-    expect = {"gx": (gx, (T, B, G * H)), "h0": (h0, (B, H)), "w_hh": (w_hh, (G * H, H))}
-    if b_hn is not None:
-        expect["b_hn"] = (b_hn, (H,))
-    for name, (ten, shape) in expect.items():
-        if tuple(ten.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(ten.shape)}")
-    if lengths is not None and tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-    # the custom operator normalises the inputs and carries the autograd formula (eager and
-    # torch.compile alike)
-    return _ops.gru_recurrence(cell, gx, h0, w_hh, b_hn, lengths, bool(reverse), bool(persistent))
-
-
-def gru_recurrence(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
-    """The GRU recurrence of one layer and direction, in fused Triton kernels.
-
-    Args:
-        gx: (T, B, 3H) ``x @ W_ih^T + b_ih + [b_hr | b_hz | 0]``, row blocks r | z | n.
-        h0: (B, H) initial state.
-        w_hh: (3H, H) recurrent weights, row blocks r | z | n.
-        b_hn: (H,) the n block of b_hh (multiplied by r, so it cannot fold into gx), or None.
-        lengths: (B,) integer tensor on gx's device: sequence b runs steps t < lengths[b]; its
-            state is frozen and its output zero elsewhere (reverse starts at its own last step).
-        reverse: run time from T-1 down to 0.
-    All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
-    Returns y (T, B, H), h_T (B, H) in gx's dtype; differentiable once w.r.t. gx, h0, w_hh,
-    b_hn.
-
-    Example::
-
-        gx = x @ w_ih.t() + b_ih + torch.cat([b_hh[: 2 * H], b_hh.new_zeros(H)])
-        y, h_T = gru_recurrence(gx, h0, w_hh, b_hh[2 * H :])
-    """
-    return _recurrence(CELL_GRU, gx, h0, w_hh, b_hn, lengths, reverse)
-
-
-def gru_recurrence_persistent(gx, h0, w_hh, b_hn=None, *, lengths=None, reverse=False):
-    """`gru_recurrence` with the persistent kernels: one launch for the whole sequence forward
-    and one backward. Same arguments, results and gradients. Where the grid could not be
-    co-resident on the device (or the weight slice does not fit on chip) it runs the stepwise
-    kernels instead, so it never risks a hang.
-    """
-    return _recurrence(CELL_GRU, gx, h0, w_hh, b_hn, lengths, reverse, persistent=True)

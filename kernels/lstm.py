@@ -65,7 +65,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _ops
 from ._common import (
     PERSISTENT_WARPS,
     _dot,
@@ -92,7 +91,7 @@ from ._common import (
     split_k,
 )
 
-__all__ = ["lstm_recurrence", "lstm_recurrence_persistent"]
+__all__ = ["lstm_fwd", "lstm_bwd"]
 
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
@@ -818,7 +817,7 @@ def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, re
     )  # fmt: skip
 
 
-def _lstm_fwd(
+def lstm_fwd(
     gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, *, persistent=False
 ):
     """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring).
@@ -876,7 +875,7 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
     )  # fmt: skip
 
 
-def _lstm_bwd(
+def lstm_bwd(
     dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs, *,
     persistent=False,
 ):  # fmt: skip
@@ -957,71 +956,3 @@ def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coup
         parts += [(da[:, :, gf] * c_prev).sum((0, 1)), (da[:, :, gf + 2] * c_new).sum((0, 1))]
         dw_ch = torch.cat(parts).to(dt)
     return (dgx if need_gx else None), dh0, dc0, dw_hh, dw_hr, dw_ch
-
-
-# =========================================================================== entry points
-
-
-def _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, persistent):
-    """Checks the shapes, then runs the fused_rnn::lstm_fwd operator (fused_rnn._ops)."""
-    if gx.dim() != 3:
-        raise ValueError(f"gx must be (T, B, G*H), got shape {tuple(gx.shape)}")
-    T, B, GH = gx.shape
-    G = 3 if coupled else 4
-    if GH % G:
-        raise ValueError(f"gx's last dim {GH} is not a multiple of {G} gates")
-    H = GH // G
-    R = H if w_hr is None else w_hr.shape[0]
-    if T < 1:
-        raise ValueError("gx must have at least one time step")
-    expect = {"h0": (h0, (B, R)), "c0": (c0, (B, H)), "w_hh": (w_hh, (GH, R))}
-    if w_hr is not None:
-        expect["w_hr"] = (w_hr, (R, H))
-    if w_ch is not None:
-        expect["w_ch"] = (w_ch, ((G - 1) * H,))
-    for name, (ten, shape) in expect.items():
-        if tuple(ten.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(ten.shape)}")
-    if lengths is not None and tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-    # the custom operator normalises the inputs and carries the autograd formula (eager and
-    # torch.compile alike)
-    return _ops.lstm_recurrence(
-        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), bool(persistent)
-    )
-
-
-def lstm_recurrence(
-    gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, lengths=None, reverse=False
-):
-    """The LSTM recurrence of one layer and direction, in fused Triton kernels (stepwise).
-
-    Args:
-        gx: (T, B, G*H) ``x @ W_ih^T + b_ih + b_hh``; G = 4 (rows i | f | g | o) or 3 when
-            `coupled` (rows f | g | o, i = 1 - f).
-        h0: (B, R) with R = P if `w_hr` is given, else H.   c0: (B, H).
-        w_hh: (G*H, R).   w_hr: (P, H) projection (proj_size), optional.
-        w_ch: peephole weights, (3H,) in order (i, f, o), or (2H,) (f, o) when coupled.
-        lengths: (B,) integer tensor on gx's device: sequence b runs steps t < lengths[b]; its
-            state is frozen and its output zero elsewhere (reverse starts at its own last step).
-        reverse: run time from T-1 down to 0.
-    All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
-    Returns y (T, B, R), h_T (B, R), c_T (B, H) in gx's dtype; differentiable once w.r.t.
-    gx, h0, c0, w_hh, w_hr, w_ch.
-    """
-    return _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, False)
-
-
-def lstm_recurrence_persistent(
-    gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, lengths=None, reverse=False
-):
-    """`lstm_recurrence` with the persistent kernels: one launch for the whole sequence forward
-    and one backward. Same arguments, results and gradients. Where the grid could not be
-    co-resident on the device (or the weight slice does not fit on chip) it runs the stepwise
-    kernels instead, so it never risks a hang.
-
-    Example::
-
-        y, h_T, c_T = lstm_recurrence_persistent(x @ w_ih.t() + b_ih + b_hh, h0, c0, w_hh)
-    """
-    return _recurrence(gx, h0, c0, w_hh, w_hr, w_ch, coupled, lengths, reverse, True)

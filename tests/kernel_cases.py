@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fused_rnn import reference
-from fused_rnn.kernels import gru, lstm, rnn
+from fused_rnn.recurrence import gru_recurrence, lstm_recurrence, rnn_recurrence
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DT_NAME = {
@@ -87,7 +87,7 @@ def leaves(x, h0, c0, w):
 
 
 def run_kernel(c: Case, x, h0, c0, w, lengths, persistent=False):
-    """The stepwise (or persistent) entry point in c.dtype on copies of the leaves:
+    """The stepwise (or persistent) recurrence in c.dtype on copies of the leaves:
     (outputs, leaves)."""
     lv = [v.detach().to(c.dtype).requires_grad_() for v in leaves(x, h0, c0, w)]
     it = iter(lv)
@@ -95,23 +95,30 @@ def run_kernel(c: Case, x, h0, c0, w, lengths, persistent=False):
     c0k = next(it) if c0 is not None else None
     wk = reference.CellWeights(*[next(it) if v is not None else None for v in w])
     H = c.H
+    backend = "persistent" if persistent else "stepwise"
     if c.mode == "GRU":  # b_hh's r, z blocks fold into gx, its n block is b_hn
         bias = wk.b_ih + torch.cat([wk.b_hh[: 2 * H], wk.b_hh.new_zeros(H)])
         gx = xk @ wk.w_ih.t() + bias
-        out = (gru.gru_recurrence_persistent if persistent else gru.gru_recurrence)(
-            gx, h0k, wk.w_hh, wk.b_hh[2 * H :], lengths=lengths, reverse=c.reverse
+        out = gru_recurrence(
+            gx, h0k, wk.w_hh, wk.b_hh[2 * H :], lengths=lengths, reverse=c.reverse, backend=backend
         )
     elif c.mode == "LSTM":
         gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
-        out = (lstm.lstm_recurrence_persistent if persistent else lstm.lstm_recurrence)(
+        out = lstm_recurrence(
             gx, h0k, c0k, wk.w_hh, w_hr=wk.w_hr, w_ch=wk.w_ch, coupled=c.coupled,
-            lengths=lengths, reverse=c.reverse,
+            lengths=lengths, reverse=c.reverse, backend=backend,
         )  # fmt: skip
     else:
         gx = xk @ wk.w_ih.t() + wk.b_ih + wk.b_hh
         act = "tanh" if c.mode == "RNN_TANH" else "relu"
-        out = (rnn.rnn_recurrence_persistent if persistent else rnn.rnn_recurrence)(
-            gx, h0k, wk.w_hh, nonlinearity=act, lengths=lengths, reverse=c.reverse
+        out = rnn_recurrence(
+            gx,
+            h0k,
+            wk.w_hh,
+            nonlinearity=act,
+            lengths=lengths,
+            reverse=c.reverse,
+            backend=backend,
         )
     return out, lv
 

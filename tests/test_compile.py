@@ -128,7 +128,7 @@ def test_lstm_ops_opcheck(case):
     w_hr = _t(P, H) if P else None
     w_ch = _t((G - 1) * H) if peep else None
     args = (_t(T, B, G * H), _t(B, R), _t(B, H), _t(G * H, R), w_hr, w_ch, lengths, rev, G == 3,
-            True, False)  # fmt: skip
+            True, "stepwise")  # fmt: skip
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
     # the backward operator on the forward's saved buffers, with some gradients not needed
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_lstm_ops_opcheck(case):
     needs = [True, False, True, True, P > 0, False]
     detached = [None if t is None else t.detach() for t in (args[3], w_hr, w_ch)]
     dys = [torch.randn_like(t) for t in (y, h_T, c_T)]
-    bargs = (*dys, hs, cs, gates, ms, *detached, lengths, rev, G == 3, needs, False)
+    bargs = (*dys, hs, cs, gates, ms, *detached, lengths, rev, G == 3, needs, "stepwise")
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
     grads = torch.ops.fused_rnn.lstm_bwd(*bargs)
     assert [g.numel() > 0 for g in grads] == needs  # not needed: an empty tensor
@@ -156,14 +156,14 @@ def test_gru_ops_opcheck(mode):
     T, B, H = 3, 2, 5
     lengths = torch.tensor([2, 3], device=DEVICE)
     args = (_t(T, B, G * H), _t(B, H), _t(G * H, H), _t(H) if has_bhn else None, lengths, True,
-            cell, True, False)  # fmt: skip
+            cell, True, "stepwise")  # fmt: skip
     torch.library.opcheck(torch.ops.fused_rnn.gru_fwd.default, args)
     with torch.no_grad():
         y, h_T, hs, ws = torch.ops.fused_rnn.gru_fwd(*args)
     assert (ws.numel() > 0) == (G == 3)  # the RNN keeps no gates: an empty tensor
     needs = [True, True, True, has_bhn]
     bargs = (torch.randn_like(y), torch.randn_like(h_T), hs, ws, args[2].detach(), lengths, True,
-             cell, needs, False)  # fmt: skip
+             cell, needs, "stepwise")  # fmt: skip
     torch.library.opcheck(torch.ops.fused_rnn.gru_bwd.default, bargs)
 
 
@@ -177,9 +177,10 @@ def _grads_of(fn, inputs):
 @needs_fused
 @pytest.mark.parametrize("proj", [0, 3])
 def test_lstm_op_path_matches_kernel_function(proj):
-    """The operators and kernels.lstm's autograd.Function: same outputs and gradients."""
+    """The operators, and the shape-checked entry point (fused_rnn.recurrence) over them: same
+    outputs and gradients."""
     from fused_rnn import _ops
-    from fused_rnn.kernels.lstm import lstm_recurrence
+    from fused_rnn.recurrence import lstm_recurrence
 
     T, B, H = 4, 3, 6
     R = proj or H
@@ -204,8 +205,7 @@ def test_lstm_op_path_matches_kernel_function(proj):
 @pytest.mark.parametrize("mode", ["GRU", "RNN_RELU"])
 def test_gru_op_path_matches_kernel_function(mode):
     from fused_rnn import _ops
-    from fused_rnn.kernels.gru import gru_recurrence
-    from fused_rnn.kernels.rnn import rnn_recurrence
+    from fused_rnn.recurrence import gru_recurrence, rnn_recurrence
 
     T, B, H = 4, 3, 6
     G = 3 if mode == "GRU" else 1
@@ -246,7 +246,7 @@ def test_op_grads_respect_requires_grad_and_unused_outputs():
     torch.testing.assert_close(gx.grad, gx_ref.grad, **TOL)
     with torch.no_grad():  # no graph: the forward keeps no gates
         out = torch.ops.fused_rnn.lstm_fwd(gx, h0, c0, w_hh, None, None, None, False, False,
-                                           False, False)  # fmt: skip
+                                           False, "stepwise")  # fmt: skip
     assert out[5].numel() == 0 and not out[0].requires_grad
 
 
@@ -262,33 +262,29 @@ def test_double_backward_raises(cls):
 
 @needs_fused
 def test_persistent_flag_reaches_the_launcher(monkeypatch):
-    """persistent=True goes to the launcher as a keyword; a launcher without it says so.
+    """backend="persistent" reaches the launcher as persistent=True; an unknown backend raises.
 
-    Launchers stand in for kernels.lstm's here: this checks the operator's plumbing, not the
+    A launcher stands in for kernels.lstm's here: this checks the operator's plumbing, not the
     persistent kernels (their own tests do).
     """
     from fused_rnn import _ops
     from fused_rnn.kernels import lstm as lstm_mod
 
-    real, seen = lstm_mod._lstm_fwd, []
+    real, seen = lstm_mod.lstm_fwd, []
 
-    def takes_it(*args, persistent=False):
+    def spy(*args, persistent=False):
         seen.append(persistent)
-        return real(*args)
-
-    def lacks_it(*args):
         return real(*args)
 
     gx, h0, c0, w_hh = _t(2, 1, 8), _t(1, 2), _t(1, 2), _t(8, 2)
     y_ref, _, _ = _ops.lstm_recurrence(gx, h0, c0, w_hh)
-    monkeypatch.setattr(lstm_mod, "_lstm_fwd", takes_it)
-    y, _, _ = _ops.lstm_recurrence(gx, h0, c0, w_hh, persistent=True)
+    monkeypatch.setattr(lstm_mod, "lstm_fwd", spy)
+    y, _, _ = _ops.lstm_recurrence(gx, h0, c0, w_hh, backend="persistent")
     _ops.lstm_recurrence(gx, h0, c0, w_hh)
     assert seen == [True, False]
     torch.testing.assert_close(y, y_ref, **TOL)
-    monkeypatch.setattr(lstm_mod, "_lstm_fwd", lacks_it)
-    with pytest.raises(RuntimeError, match="no persistent variant"):
-        _ops.lstm_recurrence(gx, h0, c0, w_hh, persistent=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        _ops.lstm_recurrence(gx, h0, c0, w_hh, backend="warp")
 
 
 def test_compile_constant_marks_like_torch():
@@ -399,14 +395,14 @@ def test_compile_fused_path_against_torch_nn():
     "persistent" not in dispatch.available_backends(DEVICE), reason="no persistent kernels here"
 )
 def test_compile_persistent_backend():
-    """backend="persistent" reaches the operators with persistent=True, eager and compiled."""
+    """backend="persistent" reaches the operators, eager and compiled."""
     ref = nn.LSTM(3, 5, bidirectional=True).to(DEVICE, DTYPE)
     model = _make("LSTM", "persistent", 3, 5, bidirectional=True)
     model.load_state_dict(ref.state_dict())
     x = _t(3, 2, 3)
     graphs = _compile_matches_eager(model, x, backend="aot_eager")
     nodes = [n for gm in graphs for n in gm.graph.nodes if "fused_rnn.lstm_fwd" in str(n.target)]
-    assert len(nodes) == 2 and all(n.args[-1] is True for n in nodes)
+    assert len(nodes) == 2 and all(n.args[-1] == "persistent" for n in nodes)
     out_r, g_r = _fwd_bwd(ref, x)
     out_p, g_p = _fwd_bwd(model, x)
     _assert_all_close(out_p, out_r)

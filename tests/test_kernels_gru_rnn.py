@@ -1,4 +1,4 @@
-"""GRU and RNN Triton kernels (kernels/gru.py, kernels/rnn.py) against the float64 reference.
+"""GRU and RNN Triton kernels (kernels/gru.py) against the float64 reference.
 
 Kernel vs `reference.recurrence`: outputs, final states and the gradients of x (through
 gx = x W_ih^T + b), h0, w_hh, w_ih, b_ih, b_hh (GRU: b_hh's r, z parts fold into gx, its n part
@@ -18,8 +18,7 @@ import pytest  # noqa: E402
 
 import fused_rnn.kernels.gru as gru_mod  # noqa: E402
 from fused_rnn import reference  # noqa: E402
-from fused_rnn.kernels.gru import gru_recurrence  # noqa: E402
-from fused_rnn.kernels.rnn import rnn_recurrence  # noqa: E402
+from fused_rnn.recurrence import gru_recurrence, rnn_recurrence  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ["GRU", "RNN_TANH", "RNN_RELU"]

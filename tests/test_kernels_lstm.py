@@ -29,7 +29,7 @@ from kernel_cases import (  # noqa: E402
 from fused_rnn import reference  # noqa: E402
 from fused_rnn.kernels import _common  # noqa: E402
 from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
-from fused_rnn.kernels.lstm import lstm_recurrence  # noqa: E402
+from fused_rnn.recurrence import lstm_recurrence  # noqa: E402
 
 # Relative error bound ‖kernel - reference‖ / ‖reference‖ per tensor, against float64 maths on
 # the same (rounded) inputs.

@@ -1,9 +1,10 @@
 """The persistent kernels (one launch per sequence and direction) and their launch decisions.
 
-Kernel vs reference: `lstm_recurrence_persistent`, `gru_recurrence_persistent` and
-`rnn_recurrence_persistent` against the float64 oracle `fused_rnn.reference.recurrence`:
-outputs, final states and the gradients of x (through gx = x W_ih^T + b), h0, c0 and every
-weight (w_hh, w_hr, w_ch, b_hh whose n block is the GRU's b_hn). The stepwise kernels are
+Kernel vs reference: `lstm_recurrence`, `gru_recurrence` and `rnn_recurrence` of
+fused_rnn.recurrence with backend="persistent" against the float64 oracle
+`fused_rnn.reference.recurrence`: outputs, final states and the gradients of x (through
+gx = x W_ih^T + b), h0, c0 and every weight (w_hh, w_hr, w_ch, b_hh whose n block is the GRU's
+b_hn). The stepwise kernels are
 replaced by a tripwire there, so a test passes only if the persistent kernels did the work.
 
 Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
@@ -38,9 +39,7 @@ from fused_rnn import dispatch, reference  # noqa: E402
 from fused_rnn.kernels import _common  # noqa: E402
 from fused_rnn.kernels import gru as gru_mod  # noqa: E402
 from fused_rnn.kernels import lstm as lstm_mod  # noqa: E402
-from fused_rnn.kernels.gru import gru_recurrence_persistent  # noqa: E402
-from fused_rnn.kernels.lstm import lstm_recurrence_persistent  # noqa: E402
-from fused_rnn.kernels.rnn import rnn_recurrence_persistent  # noqa: E402
+from fused_rnn.recurrence import gru_recurrence, lstm_recurrence, rnn_recurrence  # noqa: E402
 
 INTERPRETED = _common.is_interpreter()
 
@@ -165,7 +164,7 @@ def test_interpreter_refuses_a_barrier_over_several_programs(monkeypatch):
     )
     gx, h0 = torch.randn(2, 2, 3 * 33), torch.randn(2, 33)
     with pytest.raises(RuntimeError, match="one after another"):
-        gru_recurrence_persistent(gx, h0, torch.randn(99, 33))
+        gru_recurrence(gx, h0, torch.randn(99, 33), backend="persistent")
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
@@ -193,12 +192,18 @@ def test_grad_subset_and_no_grad(persistent_only):
     (ref_whh,) = torch.autograd.grad(loss_of(ref, cot), [w.w_hh])
     gx = (x @ w.w_ih.t() + w.b_ih + w.b_hh).detach()
     w_hh = w.w_hh.detach().requires_grad_()
-    kw = dict(w_hr=w.w_hr.detach(), w_ch=w.w_ch.detach(), lengths=lengths, reverse=True)
-    out = lstm_recurrence_persistent(gx, h0.detach(), c0.detach(), w_hh, **kw)
+    kw = dict(
+        w_hr=w.w_hr.detach(),
+        w_ch=w.w_ch.detach(),
+        lengths=lengths,
+        reverse=True,
+        backend="persistent",
+    )
+    out = lstm_recurrence(gx, h0.detach(), c0.detach(), w_hh, **kw)
     loss_of(out, cot).backward()
     assert rel_err(w_hh.grad, ref_whh) < TOL[torch.float64]
     with torch.no_grad():
-        plain = lstm_recurrence_persistent(gx, h0.detach(), c0.detach(), w_hh, **kw)
+        plain = lstm_recurrence(gx, h0.detach(), c0.detach(), w_hh, **kw)
     for a, b in zip(out, plain, strict=True):
         assert torch.equal(a.detach(), b) and not b.requires_grad
 
@@ -206,7 +211,9 @@ def test_grad_subset_and_no_grad(persistent_only):
 def test_double_backward_raises(persistent_only):
     f64 = dict(dtype=torch.float64, device=DEVICE)
     gx = torch.randn(3, 2, 9, **f64, requires_grad=True)
-    y, _ = gru_recurrence_persistent(gx, torch.randn(2, 3, **f64), torch.randn(9, 3, **f64))
+    y, _ = gru_recurrence(
+        gx, torch.randn(2, 3, **f64), torch.randn(9, 3, **f64), backend="persistent"
+    )
     (g,) = torch.autograd.grad((y * y).sum(), gx, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
@@ -215,11 +222,13 @@ def test_double_backward_raises(persistent_only):
 def test_bad_inputs_raise():
     gx, h0, w_hh = torch.randn(3, 2, 9), torch.randn(2, 3), torch.randn(9, 3)
     with pytest.raises(TypeError):  # a dtype mix is refused, not cast silently
-        gru_recurrence_persistent(gx, h0.double(), w_hh)
+        gru_recurrence(gx, h0.double(), w_hh, backend="persistent")
     with pytest.raises(ValueError, match="h0"):
-        lstm_recurrence_persistent(torch.randn(3, 2, 12), h0[:, :2], h0, torch.randn(12, 3))
+        lstm_recurrence(
+            torch.randn(3, 2, 12), h0[:, :2], h0, torch.randn(12, 3), backend="persistent"
+        )
     with pytest.raises(ValueError, match="nonlinearity"):
-        rnn_recurrence_persistent(gx[..., :3], h0, w_hh[:3], nonlinearity="gelu")
+        rnn_recurrence(gx[..., :3], h0, w_hh[:3], nonlinearity="gelu", backend="persistent")
 
 
 # ----------------------------------------------------------------------------- modules
