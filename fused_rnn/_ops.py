@@ -1,7 +1,9 @@
-"""The fused recurrences as torch.library custom operators (torch.compile, torch.export).
+"""The recurrences as torch.library custom operators: one opaque node per layer and direction.
 
-Four operators wrap the Triton launchers of fused_rnn.kernels (GRU and Elman RNN share gru.py's
-launchers through the integer `cell`: 0 GRU, 1 RNN tanh, 2 RNN relu, kernels/gru.py's CELL_*):
+Four operators, one recurrence contract, three implementations chosen by the last argument
+`backend`: "torch" (fused_rnn._loop: per-step torch ops, any device), "stepwise" and
+"persistent" (the Triton launchers of fused_rnn.kernels). GRU and Elman RNN share operators
+through the integer `cell` (0 GRU, 1 RNN tanh, 2 RNN relu: `CELLS`):
 
     fused_rnn::lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,
         Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, str backend)
@@ -20,18 +22,20 @@ files' docstrings) as extra, non-differentiable outputs; a schema cannot return 
 buffer that does not exist (gates without `store`, ms without a projection, ws for the RNN) is
 an empty tensor, and so is a gradient that `needs` did not ask for. `store` (keep what backward
 needs) is decided by the caller, from grad mode and requires_grad, outside the operator.
-`backend` is the concrete backend that runs: "stepwise" or "persistent" (the Triton launchers of
-fused_rnn.kernels).
 
 The autograd formula is registered on the forward operators (`register_autograd`): eager and
 compiled runs share it, and torch.compile / torch.export see one opaque node per layer and
-direction, with a fake implementation for shapes. The backward operators' own formula raises:
-the fused recurrences are differentiable once (double backward needs backend="torch").
+direction whatever the sequence length, with a fake implementation for shapes (symbolic in T).
+First-order gradients run the backward operator. Gradients of gradients (`create_graph=True`:
+gradient penalties, meta-learning, Hessian-vector products) are formed by recomputing the layer
+with differentiable torch ops (`_loop.recurrence_autograd`) from the saved inputs, so every
+backend is differentiable twice; first-order speed is unchanged, at the cost of keeping gx (the
+operator's input, T x B x G x H elements) alive until backward.
 
 `lstm_recurrence` and `gru_recurrence` below call the operators without checking shapes (the
 stack in fused_rnn.functional, and fused_rnn.recurrence after its checks). This module is the
 one place where the operators' inputs are made contiguous and checked for one dtype and device
-(`normalize`). Triton is imported only when an operator really runs, so importing this module
+(`normalize`). Triton is imported only when a fused operator runs, so importing this module
 (registering the operators) needs only torch.
 """
 
@@ -43,50 +47,57 @@ import importlib
 import torch
 from torch import Tensor
 
-from .dispatch import compile_constant
+from . import _loop
 
-__all__ = ["lstm_recurrence", "gru_recurrence", "cell_of", "normalize", "FUSED_IMPLS"]
+__all__ = [
+    "lstm_recurrence",
+    "gru_recurrence",
+    "cell_of",
+    "normalize",
+    "IMPLS",
+    "FUSED_IMPLS",
+    "CELLS",
+]
 
-# the concrete backends the operators run (`backend` argument)
+IMPLS = ("torch", "stepwise", "persistent")  # the `backend` argument of the operators
 FUSED_IMPLS = ("stepwise", "persistent")
-
-_CELL_NAMES = {"GRU": "CELL_GRU", "RNN_TANH": "CELL_RNN_TANH", "RNN_RELU": "CELL_RNN_RELU"}
-
-
-def _kernels(name: str):
-    return importlib.import_module(f"fused_rnn.kernels.{name}")
+CELLS = {"GRU": _loop.CELL_GRU, "RNN_TANH": _loop.CELL_RNN_TANH, "RNN_RELU": _loop.CELL_RNN_RELU}
+_CELL_NAMES = {v: ("GRU" if k == "GRU" else "RNN") for k, v in CELLS.items()}
 
 
-def _cell_of(mode: str) -> int:
-    return int(getattr(_kernels("gru"), _CELL_NAMES[mode]))
-
-
-# The `cell` constant of gru.py's kernels for mode "GRU", "RNN_TANH" or "RNN_RELU". A constant
-# to torch.compile / torch.export: tracing into the import behind it would break the graph.
-cell_of = compile_constant(_cell_of)
+def cell_of(mode: str) -> int:
+    """The `cell` argument of the GRU operators for mode "GRU", "RNN_TANH" or "RNN_RELU"."""
+    return CELLS[mode]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    # kernels._common.acc_dtype, without importing triton (fake implementations run without it)
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _loop.acc_dtype(dtype)
 
 
-def _launch(fn, backend: str, *args):
-    """Runs a kernel launcher on the device of its tensors: Triton compiles for and launches on
-    the current CUDA device and stream, which need not be the tensors' (a model on cuda:1)."""
+def _run(name: str, backend: str, *args):
+    """Runs implementation `name` ("lstm_fwd", "gru_bwd", ...) of `backend` on `args`.
+
+    Triton launchers run on the device of their tensors: Triton compiles for and launches on the
+    current CUDA device and stream, which need not be the tensors' (a model on cuda:1).
+    """
+    if backend == "torch":
+        return getattr(_loop, name)(*args)
     if backend not in FUSED_IMPLS:
-        raise ValueError(f"fused_rnn: unknown backend {backend!r} for a fused operator")
+        raise ValueError(f"fused_rnn: unknown backend {backend!r} for a recurrence operator")
+    module = importlib.import_module(f"fused_rnn.kernels.{name.partition('_')[0]}")
+    fn = getattr(module, name)
     device = next(a.device for a in args if isinstance(a, Tensor))
     scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with scope:
         return fn(*args, persistent=backend == "persistent")
 
 
-def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None):
+def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None, op: str = "fused_rnn"):
     """Contiguous versions of `tensors` (None passes through), all of one dtype and device.
 
     The dtype is `dtype` or that of the first tensor; a mismatch raises TypeError rather than
-    casting silently (the caller decides where a cast belongs, autograd must see it).
+    casting silently (the caller decides where a cast belongs, autograd must see it). `op` names
+    the layer in the messages.
     """
     first = next((t for t in tensors if t is not None), None)
     if first is None:
@@ -98,16 +109,18 @@ def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None):
             out.append(None)
             continue
         if t.dtype != dtype:
-            raise TypeError(f"expected all tensors in {dtype}, got one in {t.dtype}")
+            raise TypeError(f"{op}: expected all tensors in {dtype}, got one in {t.dtype}")
         if t.device != first.device:
-            raise ValueError(f"expected all tensors on {first.device}, got one on {t.device}")
+            raise RuntimeError(
+                f"{op}: expected all tensors on {first.device}, got one on {t.device}"
+            )
         out.append(t.contiguous())
     return tuple(out)
 
 
-def _prepare(lengths: Tensor | None, gx: Tensor, *tensors, dtype: torch.dtype | None = None):
+def _prepare(op: str, lengths: Tensor | None, gx: Tensor, *tensors, dtype=None):
     """Contiguous tensors of one dtype and device (`normalize`), int64 lengths."""
-    out = normalize(gx, *tensors, dtype=dtype)
+    out = normalize(gx, *tensors, dtype=dtype, op=op)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
     return (*out, lengths)
@@ -121,12 +134,12 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _no_double_backward(name: str):
+def _internal_backward(op: str):
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"fused_rnn::{name}: double backward through a fused recurrence is not supported "
-            "(the Triton kernels are differentiable once); use backend='torch' for "
-            "higher-order gradients"
+            f"fused_rnn {op}: the backward operator is not differentiable itself; gradients of "
+            "gradients come from the forward operator's formula (torch.autograd.grad with "
+            "create_graph=True)"
         )
 
     return backward
@@ -134,6 +147,24 @@ def _no_double_backward(name: str):
 
 def _zeros_if_none(g: Tensor | None, like: Tensor, shape) -> Tensor:
     return like.new_zeros(shape) if g is None else g
+
+
+def _second_order(ctx, inputs, recompute, cotangents):
+    """Gradients of the layer w.r.t. `inputs` (the operator's tensor inputs, None where absent)
+    as differentiable functions of the inputs and of `cotangents`: the layer is recomputed with
+    differentiable torch ops and differentiated with create_graph=True."""
+    needs = ctx.needs_input_grad[: len(inputs)]
+    wanted = [x for x, n in zip(inputs, needs) if n]
+    with torch.enable_grad():
+        outs = recompute()
+    pairs = [(o, g) for o, g in zip(outs, cotangents) if o is not None and g is not None]
+    grads = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+            allow_unused=True,
+        )
+    )  # fmt: skip
+    return [next(grads) if n else None for n in needs]
 
 
 # =========================================================================== LSTM
@@ -147,10 +178,9 @@ def _zeros_if_none(g: Tensor | None, like: Tensor, shape) -> Tensor:
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, backend):
-    lstm = _kernels("lstm")
-    gx, h0, c0, w_hh, w_hr, w_ch, lengths = _prepare(lengths, gx, h0, c0, w_hh, w_hr, w_ch)
-    y, hs, cs, gates, ms = _launch(
-        lstm.lstm_fwd, backend, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths = _prepare("LSTM", lengths, gx, h0, c0, w_hh, w_hr, w_ch)
+    y, hs, cs, gates, ms = _run(
+        "lstm_fwd", backend, gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store
     )
     s_T = 0 if reverse else gx.shape[0]
     h_T = hs[s_T].clone()
@@ -185,13 +215,12 @@ def _(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, backend):
 )
 def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
              backend):  # fmt: skip
-    lstm = _kernels("lstm")
-    dy, dhT, dcT, w_hh, w_hr, w_ch, lengths = _prepare(lengths, dy, dhT, dcT, w_hh, w_hr, w_ch,
-                                                       dtype=hs.dtype)  # fmt: skip
-    grads = _launch(
-        lstm.lstm_bwd, backend, dy, dhT, dcT, hs, cs, gates,
-        ms if w_hr is not None else None, w_hh, w_hr, w_ch, lengths, reverse, coupled,
-        tuple(needs),
+    dy, dhT, dcT, w_hh, w_hr, w_ch, lengths = _prepare(
+        "LSTM", lengths, dy, dhT, dcT, w_hh, w_hr, w_ch, dtype=hs.dtype
+    )
+    grads = _run(
+        "lstm_bwd", backend, dy, dhT, dcT, hs, cs, gates, ms if w_hr is not None else None,
+        w_hh, w_hr, w_ch, lengths, reverse, coupled, tuple(needs),
     )  # fmt: skip
     return tuple(_empty(hs) if g is None else g for g in grads)
 
@@ -214,13 +243,23 @@ def _lstm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(hs, cs, gates, ms)
     ctx.set_materialize_grads(False)
     ctx.reverse, ctx.coupled, ctx.store, ctx.backend = reverse, coupled, store, backend
-    ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths)
+    ctx.save_for_backward(hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, gx, h0, c0)
 
 
 def _lstm_backward(ctx, dy, dhT, dcT, *_buffers):
     if not ctx.store:
-        raise RuntimeError("fused_rnn::lstm_fwd was called with store=False: no gradient")
-    hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths = ctx.saved_tensors
+        raise RuntimeError("fused_rnn LSTM: the forward kept nothing for backward (store=False)")
+    hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, gx, h0, c0 = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+        inputs = (gx, h0, c0, w_hh, w_hr, w_ch)
+        grads = _second_order(
+            ctx, inputs,
+            lambda: _loop.recurrence_autograd(
+                "LSTM", gx, h0, c0, w_hh, w_hr, w_ch, None, lengths, ctx.reverse, ctx.coupled
+            ),
+            (dy, dhT, dcT),
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None)
     T1, B, R = hs.shape
     dy = _zeros_if_none(dy, hs, (T1 - 1, B, R))
     dhT = _zeros_if_none(dhT, hs, (B, R))
@@ -234,7 +273,7 @@ def _lstm_backward(ctx, dy, dhT, dcT, *_buffers):
 
 
 lstm_fwd.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-lstm_bwd.register_autograd(_no_double_backward("lstm_bwd"))
+lstm_bwd.register_autograd(_internal_backward("LSTM"))
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, reverse=False,
@@ -246,9 +285,8 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, revers
     """
     store = _needs_grad(gx, h0, c0, w_hh, w_hr, w_ch)
     y, h_T, c_T, *_ = torch.ops.fused_rnn.lstm_fwd(
-        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store,
-        backend,
-    )  # fmt: skip
+        gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), store, backend
+    )
     return y, h_T, c_T
 
 
@@ -262,16 +300,15 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, w_ch=None, lengths=None, revers
     "int cell, bool store, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def gru_fwd(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, backend):
-    gru = _kernels("gru")
-    gx, h0, w_hh, b_hn, lengths = _prepare(lengths, gx, h0, w_hh, b_hn)
-    y, hs, ws = _launch(gru.gru_fwd, backend, cell, gx, h0, w_hh, b_hn, lengths, reverse,
-                        store)  # fmt: skip
+    op = _CELL_NAMES[cell]
+    gx, h0, w_hh, b_hn, lengths = _prepare(op, lengths, gx, h0, w_hh, b_hn)
+    y, hs, ws = _run("gru_fwd", backend, cell, gx, h0, w_hh, b_hn, lengths, reverse, store)
     h_T = hs[0 if reverse else gx.shape[0]].clone()
     return y, h_T, hs, _empty(gx, _acc(gx.dtype)) if ws is None else ws
 
 
 def _gru_stores_ws(cell: int, store: bool) -> bool:
-    return store and cell == 0  # gru.py: ws exists for CELL_GRU (0) when a gradient is wanted
+    return store and cell == _loop.CELL_GRU  # ws exists for the GRU when a gradient is wanted
 
 
 @gru_fwd.register_fake
@@ -290,10 +327,9 @@ def _(gx, h0, w_hh, b_hn, lengths, reverse, cell, store, backend):
     "bool reverse, int cell, bool[] needs, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def gru_bwd(dy, dhT, hs, ws, w_hh, lengths, reverse, cell, needs, backend):
-    gru = _kernels("gru")
-    dy, dhT, w_hh, lengths = _prepare(lengths, dy, dhT, w_hh, dtype=hs.dtype)
-    grads = _launch(
-        gru.gru_bwd, backend, cell, dy, dhT, hs, ws if cell == gru.CELL_GRU else None, w_hh,
+    dy, dhT, w_hh, lengths = _prepare(_CELL_NAMES[cell], lengths, dy, dhT, w_hh, dtype=hs.dtype)
+    grads = _run(
+        "gru_bwd", backend, cell, dy, dhT, hs, ws if cell == _loop.CELL_GRU else None, w_hh,
         lengths, reverse, tuple(needs),
     )  # fmt: skip
     return tuple(_empty(hs) if g is None else g for g in grads)
@@ -313,13 +349,26 @@ def _gru_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(hs, ws)
     ctx.set_materialize_grads(False)
     ctx.reverse, ctx.cell, ctx.store, ctx.backend = reverse, cell, store, backend
-    ctx.save_for_backward(hs, ws, w_hh, lengths)
+    ctx.save_for_backward(hs, ws, w_hh, lengths, gx, h0, b_hn)
 
 
 def _gru_backward(ctx, dy, dhT, *_buffers):
     if not ctx.store:
-        raise RuntimeError("fused_rnn::gru_fwd was called with store=False: no gradient")
-    hs, ws, w_hh, lengths = ctx.saved_tensors
+        raise RuntimeError(
+            f"fused_rnn {_CELL_NAMES[ctx.cell]}: the forward kept nothing for backward "
+            "(store=False)"
+        )
+    hs, ws, w_hh, lengths, gx, h0, b_hn = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+        mode = next(k for k, v in CELLS.items() if v == ctx.cell)
+        grads = _second_order(
+            ctx, (gx, h0, w_hh, b_hn),
+            lambda: _loop.recurrence_autograd(
+                mode, gx, h0, None, w_hh, None, None, b_hn, lengths, ctx.reverse
+            )[:2],
+            (dy, dhT),
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None)
     T1, B, H = hs.shape
     dy = _zeros_if_none(dy, hs, (T1 - 1, B, H))
     dhT = _zeros_if_none(dhT, hs, (B, H))
@@ -331,7 +380,7 @@ def _gru_backward(ctx, dy, dhT, *_buffers):
 
 
 gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup)
-gru_bwd.register_autograd(_no_double_backward("gru_bwd"))
+gru_bwd.register_autograd(_internal_backward("GRU/RNN"))
 
 
 def gru_recurrence(cell, gx, h0, w_hh, b_hn=None, lengths=None, reverse=False,

@@ -4,7 +4,7 @@ Only the sequential part of a layer is backend specific. Everything parallel ove
 GEMM done by torch, so autograd handles it:
 
     gx = x @ W_ih^T + b_ih (+ b_hh where it folds)          # (T, B, G*H), one GEMM per layer
-    y, h_T, c_T = recurrence(gx, h0, c0, W_hh, ...)         # the backend: torch loop or Triton
+    y, h_T, c_T = recurrence(gx, h0, c0, W_hh, ...)         # a fused_rnn:: operator
 
 `lstm`, `gru` and `rnn` take a 3-D input (T, B, I) (or (B, T, I) with batch_first) or a
 PackedSequence, the initial state(s) (or None for zeros) and the weights of each layer and
@@ -12,8 +12,10 @@ direction in torch's order, and return what torch.nn's modules return. The modul
 `fused_rnn.modules` validate their inputs and call these.
 
 With backend="torch" the standard cells run torch's native RNN ops (the same function as
-torch.nn, including its dropout); the LSTM variants (peephole, coupled gates) run a per-step torch
-loop. Fused backends run the generic stack below on padded sequences with per-sequence lengths.
+torch.nn, including its dropout). Everything else runs the generic stack below on padded
+sequences with per-sequence lengths, one operator per layer and direction: the fused backends'
+Triton kernels, or the operators' torch implementation (fused_rnn._loop) for the LSTM variants
+(peephole, coupled gates: no torch.nn op) and under torch.compile / torch.export.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import dispatch
+from . import _ops, dispatch
 from .reference import CellWeights
 
 __all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeights", "gate_count"]
@@ -34,7 +36,8 @@ __all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeigh
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 # backend="torch" runs torch's native RNN ops for the standard cells, except under torch.compile /
-# torch.export (inductor cannot compile the CPU native LSTM op; the loop compiles to plain ops).
+# torch.export, where the operators' torch implementation runs (one opaque node per layer and
+# direction: torch's native ops would be traced step by step into a graph that grows with T).
 # Tests switch this off to run the generic stack (the one the fused backends use) on CPU.
 USE_NATIVE = True
 
@@ -50,77 +53,7 @@ def gate_count(mode: str, coupled: bool = False) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# the torch recurrence (per-step loop): LSTM variants on CPU, and the generic stack's torch side
-
-
-def _lstm_pointwise(gates: Tensor, c: Tensor, w_ch: Tensor | None, coupled: bool):
-    if coupled:
-        f, g, o = gates.chunk(3, dim=-1)
-        i = None
-    else:
-        i, f, g, o = gates.chunk(4, dim=-1)
-    if w_ch is not None:
-        if coupled:
-            p_f, p_o = w_ch.chunk(2)
-        else:
-            p_i, p_f, p_o = w_ch.chunk(3)
-            i = torch.addcmul(i, p_i, c)
-        f = torch.addcmul(f, p_f, c)
-    f = torch.sigmoid(f)
-    i = 1 - f if coupled else torch.sigmoid(i)
-    c_new = torch.addcmul(f * c, i, torch.tanh(g))
-    if w_ch is not None:
-        o = torch.addcmul(o, p_o, c_new)
-    return torch.sigmoid(o) * torch.tanh(c_new), c_new
-
-
-def _torch_step(mode, gx_t, h, c, w: CellWeights, coupled):
-    rec = torch.mm(h, w.w_hh.t())
-    if mode == "LSTM":
-        m, c_new = _lstm_pointwise(gx_t + rec, c, w.w_ch, coupled)
-        return (m if w.w_hr is None else torch.mm(m, w.w_hr.t())), c_new
-    if mode == "GRU":
-        H = h.shape[-1]
-        x_r, x_z, x_n = gx_t.chunk(3, dim=-1)
-        h_r, h_z, h_n = rec.chunk(3, dim=-1)
-        if w.b_hh is not None:
-            h_n = h_n + w.b_hh[2 * H :]
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(torch.addcmul(x_n, r, h_n))
-        return torch.lerp(n, h, z), None
-    act = torch.tanh if mode == "RNN_TANH" else torch.relu
-    return act(gx_t + rec), None
-
-
-def torch_recurrence(mode, gx, h0, c0, w: CellWeights, lengths=None, reverse=False, coupled=False):
-    """The recurrence of one layer and direction as a torch loop (autograd through every step).
-
-    Same contract as the fused kernels: gx (T, B, G*H) with the foldable biases in it, h0 (B, R),
-    c0 (B, H) or None, lengths (B,) or None (steps t >= lengths[b] leave b's state unchanged and
-    output zeros). Returns y (T, B, R), h_T, c_T (or None).
-    """
-    T = gx.shape[0]
-    live = None
-    if lengths is not None:
-        steps_ = torch.arange(T, device=gx.device).unsqueeze(1)
-        live = (steps_ < lengths.to(gx.device).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
-    h, c = h0, c0
-    ys: list[Tensor | None] = [None] * T
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        h_new, c_new = _torch_step(mode, gx[t], h, c, w, coupled)
-        if live is None:
-            h, c, ys[t] = h_new, c_new, h_new
-        else:
-            h = torch.where(live[t], h_new, h)
-            if c is not None:
-                c = torch.where(live[t], c_new, c)
-            ys[t] = h_new * live[t]
-    return torch.stack(ys), h, c
-
-
-# --------------------------------------------------------------------------------------------
-# the generic stack (fused backends, variants)
+# the generic stack (the operators: fused backends, variants, compiled code)
 
 
 def _input_gates(mode: str, x: Tensor, w: CellWeights) -> Tensor:
@@ -135,13 +68,13 @@ def _input_gates(mode: str, x: Tensor, w: CellWeights) -> Tensor:
     return F.linear(x, w.w_ih, bias)
 
 
-def _fused_recurrence(backend: str):
-    """The fused kernels of `backend`, through the fused_rnn:: custom operators (fused_rnn._ops).
+def _recurrence_for(backend: str):
+    """The recurrence of one layer-direction on concrete `backend` ("torch", "stepwise" or
+    "persistent"), through the fused_rnn:: custom operators (fused_rnn._ops).
 
     One autograd formula (registered on the operators) serves eager and torch.compile /
     torch.export runs; the operators are opaque nodes with fake implementations in a graph.
     """
-    from . import _ops  # registers the operators; triton itself is imported when one runs
 
     def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled):
         if mode == "LSTM":
@@ -157,10 +90,6 @@ def _fused_recurrence(backend: str):
         return y, h, None
 
     return run
-
-
-def _recurrence_for(backend: str):
-    return torch_recurrence if backend == "torch" else _fused_recurrence(backend)
 
 
 def _cast_weights(weights: Sequence[CellWeights], dtype) -> list[CellWeights]:

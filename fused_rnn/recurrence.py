@@ -6,9 +6,10 @@ by the caller (one GEMM), these run the sequential part:
     gx = x @ W_ih^T + b_ih + b_hh                              # LSTM and RNN; GRU: see below
     y, h_T, c_T = lstm_recurrence(gx, h0, c0, w_hh, backend="stepwise")
 
-`backend` is "stepwise" or "persistent" (fused_rnn.dispatch): the Triton kernels of
-fused_rnn.kernels, through the fused_rnn:: custom operators (fused_rnn._ops), so they are
-opaque nodes under torch.compile and torch.export. Shapes are checked here, once; the
+`backend` is "stepwise" or "persistent" (the Triton kernels of fused_rnn.kernels) or "torch"
+(the same recurrence in per-step torch ops, fused_rnn._loop, on any device), through the
+fused_rnn:: custom operators (fused_rnn._ops), so they are opaque nodes under torch.compile and
+torch.export. Shapes are checked here, once; the
 operators make the inputs contiguous and check that they share one dtype and device.
 """
 
@@ -42,9 +43,9 @@ def _check_gx(gx: Tensor, G: int) -> tuple[int, int, int]:
     return T, B, GH // G
 
 
-def _fused(backend: str, mode: str, device) -> str:
-    if backend not in _ops.FUSED_IMPLS:
-        raise ValueError(f"backend must be one of {_ops.FUSED_IMPLS}, got {backend!r}")
+def _backend(backend: str, mode: str, device) -> str:
+    if backend not in _ops.IMPLS:
+        raise ValueError(f"backend must be one of {_ops.IMPLS}, got {backend!r}")
     return dispatch.resolve(backend, mode, device)
 
 
@@ -61,11 +62,12 @@ def lstm_recurrence(gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, le
         lengths: (B,) integer tensor: sequence b runs steps t < lengths[b]; its state is frozen
             and its output zero elsewhere (reverse starts at its own last step).
         reverse: run time from T-1 down to 0.
-        backend: "stepwise" (a launch per step) or "persistent" (one launch for the sequence;
-            the stepwise kernels run instead where its grid could not be co-resident).
+        backend: "stepwise" (a launch per step), "persistent" (one launch for the sequence;
+            the stepwise kernels run instead where its grid could not be co-resident) or
+            "torch" (per-step torch ops).
     All floating inputs share one dtype (fp16, bf16, fp32; fp64 under the interpreter).
-    Returns y (T, B, R), h_T (B, R), c_T (B, H) in gx's dtype, differentiable w.r.t. gx, h0,
-    c0, w_hh, w_hr, w_ch.
+    Returns y (T, B, R), h_T (B, R), c_T (B, H) in gx's dtype, differentiable (twice) w.r.t.
+    gx, h0, c0, w_hh, w_hr, w_ch.
 
     Example::
 
@@ -80,7 +82,7 @@ def lstm_recurrence(gx, h0, c0, w_hh, *, w_hr=None, w_ch=None, coupled=False, le
     if w_ch is not None:
         expect["w_ch"] = (w_ch, ((G - 1) * H,))
     _check_shapes(expect, lengths, B)
-    which = _fused(backend, "LSTM", gx.device)
+    which = _backend(backend, "LSTM", gx.device)
     return _ops.lstm_recurrence(
         gx, h0, c0, w_hh, w_hr, w_ch, lengths, bool(reverse), bool(coupled), which
     )
@@ -93,7 +95,7 @@ def _gru_like(mode, G, gx, h0, w_hh, b_hn, lengths, reverse, backend):
     if b_hn is not None:
         expect["b_hn"] = (b_hn, (H,))
     _check_shapes(expect, lengths, B)
-    which = _fused(backend, mode, gx.device)
+    which = _backend(backend, mode, gx.device)
     return _ops.gru_recurrence(
         _ops.cell_of(mode), gx, h0, w_hh, b_hn, lengths, bool(reverse), which
     )

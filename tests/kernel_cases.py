@@ -86,16 +86,16 @@ def leaves(x, h0, c0, w):
     return [v for v in [x, h0, c0, *w] if v is not None]
 
 
-def run_kernel(c: Case, x, h0, c0, w, lengths, persistent=False):
-    """The stepwise (or persistent) recurrence in c.dtype on copies of the leaves:
-    (outputs, leaves)."""
+def run_kernel(c: Case, x, h0, c0, w, lengths, persistent=False, backend=None):
+    """The recurrence of `backend` (default: "persistent" if `persistent` else "stepwise") in
+    c.dtype on copies of the leaves: (outputs, leaves)."""
     lv = [v.detach().to(c.dtype).requires_grad_() for v in leaves(x, h0, c0, w)]
     it = iter(lv)
     xk, h0k = next(it), next(it)
     c0k = next(it) if c0 is not None else None
     wk = reference.CellWeights(*[next(it) if v is not None else None for v in w])
     H = c.H
-    backend = "persistent" if persistent else "stepwise"
+    backend = backend or ("persistent" if persistent else "stepwise")
     if c.mode == "GRU":  # b_hh's r, z blocks fold into gx, its n block is b_hn
         bias = wk.b_ih + torch.cat([wk.b_hh[: 2 * H], wk.b_hh.new_zeros(H)])
         gx = xk @ wk.w_ih.t() + bias
@@ -133,16 +133,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def check_case(c: Case, tol: float, persistent: bool = False):
-    """Outputs, final states and every gradient of the kernel path vs the float64 reference,
-    each within relative error `tol`."""
+def check_case(c: Case, tol: float, persistent: bool = False, backend: str | None = None):
+    """Outputs, final states and every gradient of the kernel path (or of `backend`) vs the
+    float64 reference, each within relative error `tol`."""
     x, h0, c0, w, lengths = make_problem(c)
     ref = reference.recurrence(c.mode, x, h0, c0, w, lengths, c.reverse, c.coupled)
     ref = [r for r in ref if r is not None]
     cot = [torch.randn_like(r) for r in ref]
     ref_grads = torch.autograd.grad(loss_of(ref, cot), leaves(x, h0, c0, w))
 
-    out, lv = run_kernel(c, x, h0, c0, w, lengths, persistent)
+    out, lv = run_kernel(c, x, h0, c0, w, lengths, persistent, backend)
     assert len(out) == len(ref)
     for o, r in zip(out, ref, strict=True):
         assert o.dtype == c.dtype and o.shape == r.shape

@@ -2,12 +2,13 @@
 
 * The operators themselves: `torch.library.opcheck` (schema, fake implementation, autograd
   registration, AOT dispatch with dynamic shapes) and parity with the kernels' own entry points
-  (`lstm_recurrence` / `gru_recurrence` / `rnn_recurrence`), gradients of every input included,
-  and a clear error on double backward.
+  (`lstm_recurrence` / `gru_recurrence` / `rnn_recurrence`), gradients of every input included
+  (second-order gradients: tests/test_second_order.py).
 * Modules under `torch.compile(fullgraph=True)` (inductor), forward and backward against eager,
-  on the torch path (backend="torch": the plain-op loop under compile against torch's native op
-  in eager) and on the fused path (backend="stepwise": the kernels run under TRITON_INTERPRET=1
-  on CPU); the fused graph must hold the fused_rnn operators as single nodes.
+  on the torch path (backend="torch": the operators' torch implementation under compile against
+  torch's native op in eager) and on the fused path (backend="stepwise": the kernels run under
+  TRITON_INTERPRET=1 on CPU); every graph must hold the fused_rnn operators as single nodes, one
+  per layer and direction, and the same graph must serve every sequence length.
 * `torch.export` of eval models, running the exported program (and a save/load round trip).
 
 CPU compiles cost seconds each: shapes stay tiny (T <= 4, H <= 16), and every case resets
@@ -238,26 +239,15 @@ def test_op_grads_respect_requires_grad_and_unused_outputs():
     assert gx.grad is not None and c0.grad is not None
     # the same with torch's maths: gx's gradient from y alone
     gx_ref = gx.detach().clone().requires_grad_()
-    from fused_rnn.functional import torch_recurrence
-    from fused_rnn.reference import CellWeights
+    from fused_rnn._loop import recurrence_autograd
 
-    y_ref, _, _ = torch_recurrence("LSTM", gx_ref, h0, c0.detach(), CellWeights(None, w_hh))
+    y_ref, _, _ = recurrence_autograd("LSTM", gx_ref, h0, c0.detach(), w_hh)
     y_ref.sum().backward()
     torch.testing.assert_close(gx.grad, gx_ref.grad, **TOL)
     with torch.no_grad():  # no graph: the forward keeps no gates
         out = torch.ops.fused_rnn.lstm_fwd(gx, h0, c0, w_hh, None, None, None, False, False,
                                            False, "stepwise")  # fmt: skip
     assert out[5].numel() == 0 and not out[0].requires_grad
-
-
-@needs_fused
-@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_double_backward_raises(cls):
-    m = _make(cls, FUSED, 3, 4)
-    x = _t(2, 2, 3)
-    (gx,) = torch.autograd.grad(_loss(_flat(m(x))), [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        gx.sum().backward()
 
 
 @needs_fused
@@ -302,10 +292,10 @@ def test_compile_constant_marks_like_torch():
 
 # ============================================================================ torch.compile
 
-# Inductor (the default backend) generates and compiles C++ for every graph, which costs tens
-# of seconds for the unrolled loop of a 2-layer bidirectional torch path on two busy cores; the
-# cases marked "aot_eager" check dynamo (one graph, fullgraph) and AOTAutograd's forward and
-# backward graphs without that code generation. One case per path runs through inductor.
+# Inductor (the default backend) generates and compiles C++ for every graph, which costs seconds
+# on two busy cores; the cases marked "aot_eager" check dynamo (one graph, fullgraph) and
+# AOTAutograd's forward and backward graphs without that code generation. One case per path
+# runs through inductor.
 TORCH_CASES = {
     # id: (cls, kwargs, compiler backend)
     "LSTM-inductor": ("LSTM", {}, "inductor"),
@@ -331,8 +321,47 @@ def test_compile_torch_path(case):
     model = _make(cls, "torch", 3, 5, **kw)
     x = _t(3, 2, 3)
     graphs = _compile_matches_eager(model, x, backend=backend)
-    # the compiled graph runs the plain-op loop: no native RNN op (inductor cannot lower it)
-    assert not any("_VF" in t or "lstm" in t.lower() for t in _targets(graphs)), _targets(graphs)
+    # one operator node per layer and direction (the torch implementation inside), no native
+    # RNN op and no per-step ops: the graph does not grow with T
+    L, D = kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1
+    op = "fused_rnn.lstm_fwd" if cls == "LSTM" else "fused_rnn.gru_fwd"
+    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(op) == L * D, calls
+    assert not any("_VF" in t or "aten.lstm" in t for t in calls), calls
+
+
+@pytest.mark.parametrize("cls,backend", [("LSTM", "torch"), ("GRU", "torch"), ("LSTM", FUSED)])
+def test_compiled_graph_is_independent_of_T(cls, backend):
+    """A compiled model serves every sequence length with one graph whose size does not depend
+    on T: at most one recompile (dynamo's switch to a dynamic T after the first new length),
+    none after it, and the same number of nodes."""
+    if backend is None:
+        pytest.skip("no fused backend can run here")
+    model = _make(cls, backend, 3, 5, num_layers=2)
+    graphs = []
+    compiled = torch.compile(model, fullgraph=True, backend=_recording(graphs, "aot_eager"))
+    for T in (4, 6, 9, 17, 33):  # never equal to B or I: dynamo would tie such sizes together
+        x = _t(T, 2, 3)
+        _assert_all_close(_flat(compiled(x)), _flat(model(x)))
+
+    def real(graphs):  # dynamo may also hand over an empty graph (a frame without tensor ops)
+        return [g for g in graphs if any(n.op == "call_function" for n in g.graph.nodes)]
+
+    graphs = real(graphs)
+    assert len(graphs) <= 2, [len(g.graph.nodes) for g in graphs]
+    op = "fused_rnn.lstm_fwd" if cls == "LSTM" else "fused_rnn.gru_fwd"
+    for gm in graphs:  # the same graph whatever T: one operator per layer, no per-step ops
+        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert calls.count(op) == 2, calls
+        assert not any(k in c for c in calls for k in ("sigmoid", "tanh", "lstm_cell")), calls
+    graphs.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model, fullgraph=True, dynamic=True, backend=_recording(graphs, "aot_eager")
+    )
+    for T in (4, 7, 30):
+        compiled(_t(T, 2, 3))
+    assert len(real(graphs)) == 1
 
 
 def test_compile_torch_path_with_hx_and_cell():

@@ -245,7 +245,7 @@ def test_matches_torch(cfg, dtype, path):
 
 
 def test_grid_exercises_both_paths(monkeypatch):
-    """The native path calls ATen's op and never the torch loop; native_off the opposite."""
+    """The native path calls ATen's op and never the generic stack; native_off the opposite."""
     ours, ref = make_pair("GRU", num_layers=2, bidirectional=True)
     x = torch.randn(4, 3, I, dtype=torch.float64)
 
@@ -253,7 +253,7 @@ def test_grid_exercises_both_paths(monkeypatch):
         raise AssertionError("wrong path taken")
 
     with monkeypatch.context() as mp:
-        mp.setattr(FF, "torch_recurrence", boom)
+        mp.setattr(FF, "_recurrence_for", boom)
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
     with monkeypatch.context() as mp:
         mp.setattr(FF, "USE_NATIVE", False)

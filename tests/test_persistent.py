@@ -208,17 +208,6 @@ def test_grad_subset_and_no_grad(persistent_only):
         assert torch.equal(a.detach(), b) and not b.requires_grad
 
 
-def test_double_backward_raises(persistent_only):
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-    gx = torch.randn(3, 2, 9, **f64, requires_grad=True)
-    y, _ = gru_recurrence(
-        gx, torch.randn(2, 3, **f64), torch.randn(9, 3, **f64), backend="persistent"
-    )
-    (g,) = torch.autograd.grad((y * y).sum(), gx, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
-
-
 def test_bad_inputs_raise():
     gx, h0, w_hh = torch.randn(3, 2, 9), torch.randn(2, 3), torch.randn(9, 3)
     with pytest.raises(TypeError):  # a dtype mix is refused, not cast silently
