@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 # _ops registers the fused_rnn:: custom operators (torch only; what a loaded torch.export program
 # calls); triton is imported when one of them runs
 from . import _ops, dispatch, functional, reference  # noqa: F401
+from ._graphs import clear_graph_cache
 from .convert import convert, revert
 from .dispatch import available_backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
@@ -31,6 +32,7 @@ __all__ = [
     "available_backends",
     "convert",
     "revert",
+    "clear_graph_cache",
     "dispatch",
     "functional",
     "reference",
