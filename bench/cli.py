@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .suites import CELLS, MODES, SUITES, Suite, custom_suite, default_suite_names
 
-__all__ = ["build_parser", "default_dtypes", "main"]
+__all__ = ["build_parser", "default_dtypes", "main", "selection"]
 
 PROG = "fused-rnn-bench"
 _DTYPE_NAMES = ("fp32", "tf32", "fp16", "bf16")
@@ -24,6 +24,8 @@ _TIMING_DEFAULTS = {"cuda": (10, 100, 2.0), "cpu": (2, 30, 1.0)}
 
 _EPILOG = """\
 ratio = torch_ms / fused_ms: above 1, fused_rnn is faster than torch.nn.
+Each side: the median of its timed runs and their IQR (p75 - p25). A row is marked '~' (within
+noise) when the two sides' p25..p75 ranges overlap.
 List options (--suite, --cell, --dtype, --mode, --backend, --variant) repeat or take commas.
 Without --suite or size flags: cpu-default on CPU; fastrnns and flashrnn in bf16 on CUDA.
 Any size flag (--seq-len ... --proj-size) adds a 'custom' suite built from the flags.
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--out",
         metavar="PATH",
-        help="write PATH.json and PATH.csv (in a folder: files named after the date)",
+        help="write PATH.json (rows and the run's metadata: device, versions, commit, date) and "
+        "PATH.csv (the rows only); in a folder: files named after the date",
     )
     out.add_argument("--plot", metavar="PNG", help="bar chart of the ratios (needs matplotlib)")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -287,14 +290,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(parser, args, args_list) -> int:
-    import torch
-
+def selection(parser, args) -> tuple[list[str], ...]:
+    """The list options, checked (parser.error on an unknown value) and defaulted:
+    (suites, cells, dtypes, modes, backends, variants); an empty list means "the default"
+    for suites, cells, dtypes and modes, which depend on the device."""
+    suites_ = _split(parser, args.suite, (*SUITES, "all"), "--suite")
     cells = _split(parser, args.cell, CELLS, "--cell")
     dtypes = _split(parser, args.dtype, _DTYPE_NAMES, "--dtype")
     modes = _split(parser, args.mode, MODES, "--mode")
     backends = _split(parser, args.backend, _BACKEND_NAMES, "--backend") or ["auto"]
     variants = _split(parser, args.variant, _VARIANT_NAMES, "--variant") or ["none"]
+    return suites_, cells, dtypes, modes, backends, variants
+
+
+def _run(parser, args, args_list) -> int:
+    import torch
+
+    _, cells, dtypes, modes, backends, variants = selection(parser, args)
 
     if args.plot:
         from .plot import PlotUnavailable, require_matplotlib
@@ -345,7 +357,10 @@ def _run(parser, args, args_list) -> int:
 
     def label(row):
         v = "" if row.variant == "none" else f"/{row.variant}"
-        return f"{row.suite} {row.cell}{v} {row.shape.label()} {row.dtype} {row.mode} {row.backend}"
+        return (
+            f"{row.suite} {row.cell}{v} {row.shape.label()} {row.dtype} {row.mode} "
+            f"{report.backend_label(row)}"
+        )
 
     rows = []
     interrupted = False
@@ -373,7 +388,7 @@ def _run(parser, args, args_list) -> int:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         json_path, csv_path = report.output_paths(args.out, stamp)
         report.write_json(json_path, meta, rows)
-        report.write_csv(csv_path, meta, rows)
+        report.write_csv(csv_path, rows)
         print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
     if args.plot:
         from .plot import plot_ratios

@@ -1727,7 +1727,7 @@ def _run(args, argv, level, device, out: Path, t_start, budget_min, torch) -> in
             rows = [bench_rows[i] for i in order]
             bmeta["warmup_problems"] = [r for r in warm_rows if r["status"] != "ok"]
             report.write_json(out / "bench.json", bmeta, rows)
-            report.write_csv(out / "bench.csv", bmeta, rows)
+            report.write_csv(out / "bench.csv", rows)
             return rows
 
     def write_corr(force=False):

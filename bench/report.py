@@ -20,7 +20,10 @@ import torch
 from .runner import Row
 
 __all__ = [
+    "NOISE_NOTE",
     "RATIO_NOTE",
+    "backend_label",
+    "noise_mark",
     "metadata",
     "format_table",
     "output_paths",
@@ -30,6 +33,10 @@ __all__ = [
 ]
 
 RATIO_NOTE = "ratio = torch_ms / fused_ms (> 1: fused_rnn is faster than torch.nn)"
+NOISE_NOTE = (
+    "ms: median of the timed runs; IQR: p75 - p25 of them. noise '~': the two sides' p25..p75 "
+    "ranges overlap, so the difference is within run-to-run noise; '?': too few runs to say"
+)
 
 
 def _version(dist: str) -> str | None:
@@ -117,10 +124,19 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _backend(r: Row) -> str:
+def backend_label(r: Row) -> str:
+    """The backend as asked, and what it ran as where that differs: ``auto->torch``."""
     if r.resolved_backend and r.resolved_backend != r.backend:
         return f"{r.backend}->{r.resolved_backend}"
     return r.backend
+
+
+def noise_mark(r: Row) -> str:
+    """'~' within noise (bench.timing.within_noise), '' a clear difference, '?' too few runs to
+    say, '-' no ratio."""
+    if r.ratio is None:
+        return "-"
+    return {True: "~", False: "", None: "?"}[r.within_noise]
 
 
 _COLUMNS = [
@@ -130,10 +146,13 @@ _COLUMNS = [
     ("size", lambda r: r.shape.label(), False),
     ("dtype", lambda r: r.dtype, False),
     ("mode", lambda r: r.mode, False),
-    ("backend", lambda r: _backend(r), False),
+    ("backend", backend_label, False),
     ("torch ms", lambda r: _fmt(r.torch_ms), True),
+    ("IQR", lambda r: _fmt(r.torch_iqr_ms), True),
     ("fused ms", lambda r: _fmt(r.fused_ms), True),
+    ("IQR", lambda r: _fmt(r.fused_iqr_ms), True),
     ("ratio", lambda r: _fmt(r.ratio, 2), True),
+    ("noise", noise_mark, False),
     ("torch µs/step", lambda r: _fmt(r.torch_us_per_step, 1), True),
     ("fused µs/step", lambda r: _fmt(r.fused_us_per_step, 1), True),
     ("max|Δ| out", lambda r: _fmt(r.max_abs_diff), True),
@@ -157,15 +176,32 @@ def format_table(rows: list[Row], header: str = "") -> str:
     if header:
         out.append(header)
     out.append(RATIO_NOTE)
+    out.append(NOISE_NOTE)
     out.append(line(heads))
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(c) for c in cells)
-    notes = [(i, r) for i, r in enumerate(rows, 1) if r.error]
+    # one note per distinct unavailability (a backend that cannot run here misses every row)
+    unavailable: dict[str, list[int]] = {}
+    notes = []
+    for i, r in enumerate(rows, 1):
+        if r.status == "unavailable":
+            unavailable.setdefault(r.error, []).append(i)
+        elif r.error:
+            notes.append(f"row {i} ({r.cell} {r.mode} {r.dtype} {r.backend}) {r.status}: {r.error}")
+    for why, ids in unavailable.items():
+        notes.append(f"unavailable ({_row_span(ids)}): {why}")
     if notes:
         out.append("")
-        for i, r in notes:
-            out.append(f"row {i} ({r.cell} {r.mode} {r.dtype} {r.backend}) {r.status}: {r.error}")
+        out.extend(notes)
     return "\n".join(out)
+
+
+def _row_span(ids: list[int]) -> str:
+    if len(ids) == 1:
+        return f"row {ids[0]}"
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"rows {ids[0]}-{ids[-1]}"
+    return "rows " + ", ".join(map(str, ids))
 
 
 def output_paths(path: str | os.PathLike, stamp: str) -> tuple[Path, Path]:
@@ -201,16 +237,13 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
-def write_csv(path: Path, meta: dict, rows: list[Row]) -> None:
-    """Metadata first, as ``# key: value`` comment lines, then a header and one line per row.
+def write_csv(path: Path, rows: list[Row]) -> None:
+    """A plain table: a header of Row's fields, then one line per row; empty cells for None.
 
-    Read with ``pandas.read_csv(path, comment="#")`` or skip lines starting with ``#``.
+    The run's metadata (device, versions, commit, date, command) is in the JSON written beside
+    it, not here, so any CSV reader takes the file as it is.
     """
     with open(path, "w", newline="") as f:
-        for k, v in meta.items():
-            if isinstance(v, dict):
-                v = json.dumps(v, sort_keys=True)
-            f.write(f"# {k}: {v}\n")
         w = csv.DictWriter(f, fieldnames=Row.fields())
         w.writeheader()
         for r in rows:

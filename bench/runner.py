@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .suites import Shape
-from .timing import Timing, measure
+from .timing import Timing, measure, ratio_range, within_noise
 
 __all__ = [
     "BACKENDS",
@@ -37,6 +38,7 @@ __all__ = [
     "precision",
     "available_backends",
     "resolved_backend",
+    "unavailable_reason",
     "run_config",
 ]
 
@@ -103,10 +105,20 @@ class Row:
     fused_us_per_step: float | None = None
     torch_min_ms: float | None = None
     fused_min_ms: float | None = None
-    torch_iqr_ms: float | None = None
+    torch_iqr_ms: float | None = None  # p75 - p25 of the timed runs
     fused_iqr_ms: float | None = None
     torch_reps: int | None = None
     fused_reps: int | None = None
+    torch_p25_ms: float | None = None
+    torch_p75_ms: float | None = None
+    fused_p25_ms: float | None = None
+    fused_p75_ms: float | None = None
+    # the ratio over the two interquartile ranges: torch_p25 / fused_p75 .. torch_p75 / fused_p25
+    ratio_lo: float | None = None
+    ratio_hi: float | None = None
+    # the two interquartile ranges overlap (the ratio's range contains 1): the difference is
+    # within the run-to-run noise (bench.timing.within_noise); None: too few runs to say
+    within_noise: bool | None = None
     max_abs_diff: float | None = None  # outputs, fused vs torch.nn (variant none only)
     grad_max_abs_diff: float | None = None  # d(input) and d(params), fwdbwd only
     error: str = ""
@@ -123,15 +135,19 @@ class Row:
 
     def set_torch(self, t: Timing) -> None:
         self.torch_ms, self.torch_min_ms, self.torch_iqr_ms = t.median_ms, t.min_ms, t.iqr_ms
-        self.torch_reps = t.reps
+        self.torch_p25_ms, self.torch_p75_ms, self.torch_reps = t.q1_ms, t.q3_ms, t.reps
         self.torch_us_per_step = t.median_ms * 1e3 / self.seq_len
 
     def set_fused(self, t: Timing) -> None:
         self.fused_ms, self.fused_min_ms, self.fused_iqr_ms = t.median_ms, t.min_ms, t.iqr_ms
-        self.fused_reps = t.reps
+        self.fused_p25_ms, self.fused_p75_ms, self.fused_reps = t.q1_ms, t.q3_ms, t.reps
         self.fused_us_per_step = t.median_ms * 1e3 / self.seq_len
         if self.torch_ms is not None and t.median_ms > 0:
             self.ratio = self.torch_ms / t.median_ms
+            ref = Timing(self.torch_ms, self.torch_min_ms, self.torch_p25_ms, self.torch_p75_ms,
+                         self.torch_reps)  # fmt: skip
+            self.ratio_lo, self.ratio_hi = ratio_range(ref, t) or (None, None)
+            self.within_noise = within_noise(ref, t)
 
 
 @contextlib.contextmanager
@@ -183,6 +199,30 @@ def resolved_backend(backend: str, cell: str, device: torch.device) -> str | Non
         return fn(backend, _DISPATCH_MODES[cell], device)
     except Exception:
         return None
+
+
+def unavailable_reason(backend: str, cell: str, device: torch.device) -> str:
+    """Why ``backend`` cannot run ``cell`` on ``device`` (fused_rnn.dispatch's reason), and how
+    to make it run where the bench can tell."""
+    why = None
+    fn = getattr(_dispatch(), "unavailable_reason", None)
+    if fn is not None:
+        try:
+            why = fn(backend, _DISPATCH_MODES[cell], device)
+        except Exception as exc:
+            why = _error(exc)
+    out = f"{backend}: {why or f'not available on {device}'}"
+    if backend not in ("stepwise", "persistent"):
+        return out
+    if importlib.util.find_spec("triton") is None:
+        return out + ". Install Triton (pip install triton; Linux) to run the fused kernels"
+    interpret = getattr(_dispatch(), "interpreter_enabled", lambda: False)
+    if device.type == "cpu" and not interpret():
+        out += (
+            ". To run them on CPU, set TRITON_INTERPRET=1 in the environment "
+            "(slow: the interpreter runs the kernels in Python; use tiny sizes)"
+        )
+    return out
 
 
 def _size_kwargs(shape: Shape, device, dtype) -> dict:
@@ -306,7 +346,7 @@ def run_config(
     for row in rows:
         if avail is not None and row.backend not in avail:
             row.status = "unavailable"
-            row.error = f"backend {row.backend!r} not available on {device} (has {sorted(avail)})"
+            row.error = unavailable_reason(row.backend, shape.cell, device)
 
     with precision(cfg.dtype):
         ref = x = None

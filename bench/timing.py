@@ -1,4 +1,4 @@
-"""Timers: median of many runs after warm-up, with the spread.
+"""Timers: median of many runs after warm-up, with the spread, and when a difference is noise.
 
 CUDA: one pair of CUDA events around every run, read after a single synchronize at the end,
 so host-side launch cost is counted (as a user sees it) but no host sync sits between runs.
@@ -6,6 +6,22 @@ CPU: ``time.perf_counter_ns`` around every run with the garbage collector off.
 
 The number of timed runs is ``reps`` at most, fewer when the warm-up says they would take longer
 than ``budget_s``, never fewer than ``min(MIN_REPS, reps)``.
+
+Spread and noise. Each side is summarised by its median and its interquartile range
+[p25, p75]. Two sides differ by more than the noise when their interquartile ranges do not
+overlap; equivalently, the ratio's range
+
+    ref.p25 / new.p75  <=  ref.median / new.median  <=  ref.p75 / new.p25
+    (ratio_lo)             (ratio)                      (ratio_hi)
+
+does not contain 1. Why this rule rather than a significance test (Mann-Whitney, a bootstrap
+interval): the two sides are timed one after the other, not interleaved, so a change of load on
+the machine between them shifts one whole sample; the runs are not independent draws, and a
+test's confidence grows with the number of runs whatever the drift. The IQR rule asks a
+question that more runs do not bias: is the gap between the medians larger than the spread of
+the runs themselves? The tighter the runs, the smaller the difference it separates; on a loaded
+CPU it declines to call a difference that the run-to-run spread could explain. Fewer than
+MIN_SPREAD_REPS runs on a side give no verdict (None).
 """
 
 from __future__ import annotations
@@ -19,9 +35,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIN_REPS", "Timing", "measure", "summarize"]
+__all__ = [
+    "MIN_REPS",
+    "MIN_SPREAD_REPS",
+    "Timing",
+    "measure",
+    "ratio_range",
+    "summarize",
+    "within_noise",
+]
 
 MIN_REPS = 10
+# quartiles of fewer runs say nothing about the spread (of one run, the IQR is 0)
+MIN_SPREAD_REPS = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,22 @@ def summarize(times_ms: list[float]) -> Timing:
         return Timing(t, t, t, t, 1)
     q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
     return Timing(statistics.median(times_ms), min(times_ms), q1, q3, len(times_ms))
+
+
+def ratio_range(ref: Timing, new: Timing) -> tuple[float, float] | None:
+    """(ref.p25 / new.p75, ref.p75 / new.p25): the range of ``ref / new`` over the two
+    interquartile ranges; None when a side has fewer than MIN_SPREAD_REPS runs or a zero p25."""
+    if min(ref.reps, new.reps) < MIN_SPREAD_REPS or new.q1_ms <= 0:
+        return None
+    return ref.q1_ms / new.q3_ms, ref.q3_ms / new.q1_ms
+
+
+def within_noise(ref: Timing, new: Timing) -> bool | None:
+    """True when the two interquartile ranges overlap (the ratio's range contains 1): the
+    difference between the medians is within the run-to-run spread. None: too few runs."""
+    if min(ref.reps, new.reps) < MIN_SPREAD_REPS:
+        return None
+    return ref.q1_ms <= new.q3_ms and new.q1_ms <= ref.q3_ms
 
 
 def _sync(device: torch.device) -> None:

@@ -207,22 +207,70 @@ def _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first
 # public functional API
 
 
-def _layer_weights(weights, bias: bool, proj: bool, peephole: bool) -> list[CellWeights]:
+def _layer_weights(weights, bias: bool, proj: bool, peephole: bool,
+                   groups: int | None = None) -> list[CellWeights]:  # fmt: skip
+    """The weights of each layer and direction as CellWeights, checked against the layout.
+
+    `weights` holds one list per layer and direction (index layer * num_directions + direction),
+    each with the tensors in torch's order, as torch.nn's `all_weights` holds them:
+    [w_ih, w_hh] + [b_ih, b_hh] with bias + [w_hr] with a projection + [w_ch] with peepholes.
+    `groups` is the number of lists expected (num_layers * num_directions), checked when given.
+    A layout that does not fit raises an error naming the expected layout and what came:
+    TypeError for a wrong kind of object (a tensor or a flat list of tensors instead of a list
+    of lists), ValueError for a wrong count or a tensor of the wrong rank.
+    """
+    names = ["w_ih", "w_hh"]
+    names += ["b_ih", "b_hh"] if bias else []
+    names += ["w_hr"] if proj else []
+    names += ["w_ch"] if peephole else []
+    count = "num_layers*num_directions" + ("" if groups is None else f" (= {groups})")
+    layout = (
+        f"weights must be a list of {count} lists [{', '.join(names)}], one per layer and "
+        "direction in torch's order (as torch.nn's all_weights holds them)"
+    )
+    example = "[[w_ih_l0, w_hh_l0, ...], [w_ih_l1, w_hh_l1, ...]]"
+    if isinstance(weights, Tensor):
+        raise TypeError(f"{layout}; got a Tensor of shape {tuple(weights.shape)}")
+    if isinstance(weights, dict):
+        raise TypeError(f"{layout}; got a dict (a state_dict?): pass the module's all_weights")
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise TypeError(f"{layout}; got {type(weights).__name__}") from None
+    if weights and all(isinstance(w, Tensor) for w in weights):
+        raise TypeError(
+            f"{layout}; got a flat list of {len(weights)} tensors: group them per layer and "
+            f"direction, {example}"
+        )
+    if groups is not None and len(weights) != groups:
+        raise ValueError(f"{layout}; got {len(weights)} list{'' if len(weights) == 1 else 's'}")
     out = []
-    for ws in weights:
-        ws = list(ws)
-        w_ih, w_hh = ws[0], ws[1]
-        rest = ws[2:]
-        b_ih = b_hh = w_hr = w_ch = None
-        if bias:
-            b_ih, b_hh, rest = rest[0], rest[1], rest[2:]
-        if proj:
-            w_hr, rest = rest[0], rest[1:]
-        if peephole:
-            w_ch, rest = rest[0], rest[1:]
-        if rest:
-            raise ValueError(f"unexpected extra weights in a layer: got {len(ws)} tensors")
-        out.append(CellWeights(w_ih, w_hh, b_ih, b_hh, w_hr, w_ch))
+    for k, ws in enumerate(weights):
+        if isinstance(ws, Tensor):
+            raise TypeError(f"{layout}; weights[{k}] is a Tensor of shape {tuple(ws.shape)}")
+        if not isinstance(ws, (list, tuple)):
+            raise TypeError(f"{layout}; weights[{k}] is a {type(ws).__name__}")
+        if len(ws) != len(names):
+            hint = ""
+            if bias and len(ws) == len(names) - 2:
+                hint = " (no biases? pass bias=False)"
+            elif not bias and len(ws) == len(names) + 2:
+                hint = " (with biases, pass bias=True)"
+            raise ValueError(
+                f"{layout}; weights[{k}] holds {len(ws)} tensors, expected {len(names)}{hint}"
+            )
+        for i, (w, name) in enumerate(zip(ws, names, strict=True)):
+            if not isinstance(w, Tensor):
+                what = "None" if w is None else f"a {type(w).__name__}"
+                raise TypeError(f"{layout}; weights[{k}][{i}] ({name}) is {what}, not a Tensor")
+            dims = 1 if name in ("b_ih", "b_hh", "w_ch") else 2
+            if w.dim() != dims:
+                raise ValueError(
+                    f"{layout}; weights[{k}][{i}] ({name}) must be {dims}-D, got shape "
+                    f"{tuple(w.shape)}"
+                )
+        by_name = dict(zip(names, ws, strict=True))
+        out.append(CellWeights(*(by_name.get(n) for n in CellWeights._fields)))
     return out
 
 
@@ -230,9 +278,7 @@ def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, b
              batch_first, proj_size=0, peephole=False, coupled=False, backend="auto"):  # fmt: skip
     dispatch.check_backend(backend)
     D = 2 if bidirectional else 1
-    cw = _layer_weights(weights, bias, proj_size > 0, peephole)
-    if len(cw) != num_layers * D:
-        raise ValueError(f"expected {num_layers * D} layer weight groups, got {len(cw)}")
+    cw = _layer_weights(weights, bias, proj_size > 0, peephole, groups=num_layers * D)
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if packed:

@@ -6,7 +6,6 @@ Runs are tiny (T<=6, H<=12, a few reps, one thread) so the file stays well under
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -15,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from fused_rnn.bench import SUITES, cli, report, runner, suites, timing
+from fused_rnn import dispatch
+from fused_rnn.bench import SUITES, cli, plot, report, runner, suites, timing
 from fused_rnn.bench.suites import Shape
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,15 +31,9 @@ FP32_TOL = 1e-4
 
 
 def _read_csv(path):
-    """(metadata lines, rows) of a bench CSV: '# key: value' lines, then a normal CSV."""
-    meta, body = {}, []
-    for line in path.read_text().splitlines(keepends=True):
-        if line.startswith("# "):
-            k, v = line[2:].rstrip("\n").split(": ", 1)
-            meta[k] = v
-        else:
-            body.append(line)
-    return meta, list(csv.DictReader(io.StringIO("".join(body))))
+    """The rows of a bench CSV, read as any CSV reader would: a header, then one line per row."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _run_module(args, **kw):
@@ -122,6 +116,83 @@ def test_summarize_statistics():
         timing.summarize([])
 
 
+def _timing(p25, median, p75, reps=10):
+    return timing.Timing(median, p25, p25, p75, reps)
+
+
+def test_noise_rule_is_overlap_of_the_interquartile_ranges():
+    ref = _timing(9.0, 10.0, 11.0)
+    cases = [
+        # (new side, within noise): overlapping, touching, nested, disjoint either way
+        (_timing(10.5, 12.0, 13.0), True),
+        (_timing(11.0, 12.0, 13.0), True),
+        (_timing(9.5, 10.0, 10.5), True),
+        (_timing(11.5, 12.0, 13.0), False),
+        (_timing(5.0, 6.0, 8.9), False),
+    ]
+    for new, noisy in cases:
+        assert timing.within_noise(ref, new) is noisy
+        lo, hi = timing.ratio_range(ref, new)
+        assert lo == ref.q1_ms / new.q3_ms and hi == ref.q3_ms / new.q1_ms
+        assert lo <= ref.median_ms / new.median_ms <= hi
+        assert (lo <= 1 <= hi) is noisy  # the rule, read on the ratio
+    few = _timing(1.0, 1.0, 1.0, reps=timing.MIN_SPREAD_REPS - 1)
+    assert timing.within_noise(ref, few) is None and timing.ratio_range(ref, few) is None
+    assert timing.within_noise(few, ref) is None
+
+
+def _row(backend="auto", resolved="torch", **kw):
+    shape = Shape("gru", 50, 16, 128, 128)
+    row = runner.Row(suite="s", cell="gru", variant="none", seq_len=50, batch=16, input_size=128,
+                     hidden_size=128, num_layers=1, bidirectional=False, proj_size=0,
+                     dtype="fp32", mode="fwdbwd", device="cpu", backend=backend,
+                     resolved_backend=resolved, shape=shape, **kw)  # fmt: skip
+    return row
+
+
+def test_table_shows_spread_and_marks_noise():
+    """A loaded run: GRU fwdbwd at ratio 0.79 with a 4.1 ms IQR on a 7 ms median is noise."""
+    noisy, clear, few = _row(), _row(), _row()
+    gone, gone_too = (
+        _row(backend="stepwise", resolved=None),
+        _row(backend="stepwise", resolved=None),
+    )
+    noisy.set_torch(_timing(4.0, 5.5, 8.1))
+    noisy.set_fused(_timing(5.0, 7.0, 9.1))
+    clear.set_torch(_timing(5.4, 5.5, 5.6))
+    clear.set_fused(_timing(6.9, 7.0, 7.1))
+    few.set_torch(_timing(5.4, 5.5, 5.6, reps=1))
+    few.set_fused(_timing(6.9, 7.0, 7.1, reps=1))
+    for r in (gone, gone_too):
+        r.status, r.error = "unavailable", "stepwise: why, and how"
+    assert (noisy.within_noise, clear.within_noise, few.within_noise) == (True, False, None)
+    assert noisy.ratio == pytest.approx(5.5 / 7.0) and noisy.ratio_lo == pytest.approx(4.0 / 9.1)
+
+    lines = report.format_table([noisy, gone, clear, few, gone_too]).splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("suite")))
+    cols = lines[head].split()
+    assert cols[6:12] == ["torch", "ms", "IQR", "fused", "ms", "IQR"] and "noise" in cols
+    noisy_, gone_, clear_, few_ = [line.split() for line in lines[head + 2 : head + 6]]
+    # (the size is 4 words) backend, torch ms, IQR, fused ms, IQR, ratio, then the mark: '' for
+    # a clear difference, so the next column (torch µs/step) follows
+    assert noisy_[8:15] == ["auto->torch", "5.500", "4.100", "7.000", "4.100", "0.79", "~"]
+    assert clear_[8:15] == ["auto->torch", "5.500", "0.200", "7.000", "0.200", "0.79", "110.0"]
+    assert few_[13:15] == ["0.79", "?"]
+    assert gone_[8:15] == ["stepwise", "-", "-", "-", "-", "-", "-"]
+    assert "unavailable (rows 2, 5): stepwise: why, and how" in lines  # one note, both rows
+    assert sum("why, and how" in line for line in lines) == 1
+    assert report.NOISE_NOTE in lines
+
+
+def test_plot_and_table_name_rows_alike():
+    row = _row()
+    assert report.backend_label(row) == "auto->torch"
+    assert plot.row_label(row).endswith(" fwdbwd auto->torch")
+    assert report.backend_label(_row(backend="stepwise", resolved="stepwise")) == "stepwise"
+    table = report.format_table([row])
+    assert " auto->torch " in table
+
+
 def test_measure_counts_warmup_and_reps():
     calls = []
     t = timing.measure(lambda: calls.append(1), "cpu", warmup=2, reps=7, budget_s=None)
@@ -196,13 +267,26 @@ def test_module_entry_point_end_to_end(tmp_path):
         else:
             assert row["grad_max_abs_diff"] is None
 
-    meta, csv_rows = _read_csv(tmp_path / "res" / "run1.csv")
-    assert META_KEYS <= meta.keys()
+    csv_path = tmp_path / "res" / "run1.csv"
+    assert csv_path.read_text().startswith("suite,cell,variant,")  # no metadata lines: JSON only
+    csv_rows = _read_csv(csv_path)
     assert len(csv_rows) == 6
-    assert set(csv_rows[0]) == set(rows[0])
+    assert list(csv_rows[0]) == list(rows[0])
     for c, j in zip(csv_rows, rows, strict=True):
         assert (c["cell"], c["mode"]) == (j["cell"], j["mode"])
         assert float(c["fused_ms"]) == pytest.approx(j["fused_ms"])
+        assert c["within_noise"] == str(j["within_noise"])
+
+    # each side's spread, and the noise verdict it gives, in every row
+    for row in rows:
+        for side in ("torch", "fused"):
+            p25, med, p75 = row[f"{side}_p25_ms"], row[f"{side}_ms"], row[f"{side}_p75_ms"]
+            assert p25 <= med <= p75 and row[f"{side}_iqr_ms"] == pytest.approx(p75 - p25)
+        assert row["ratio_lo"] <= row["ratio"] <= row["ratio_hi"]
+        assert row["within_noise"] == (row["ratio_lo"] <= 1 <= row["ratio_hi"])
+    head = next(line for line in r.stdout.splitlines() if line.startswith("suite "))
+    assert head.split()[6:12] == ["torch", "ms", "IQR", "fused", "ms", "IQR"]
+    assert "ratio  noise" in head and "p25..p75 ranges overlap" in r.stdout
 
 
 def test_main_in_process(tmp_path, capsys):
@@ -255,8 +339,9 @@ def test_projection_and_variants(tmp_path, capsys):
 
 
 def test_unavailable_and_failing_backends(monkeypatch, tmp_path, capsys):
-    """A backend fused_rnn says it lacks is 'unavailable' (exit 0); a crash is 'error' (exit 1)."""
-    monkeypatch.setattr(runner, "available_backends", lambda device, cell="lstm": {"auto", "torch"})
+    """A backend fused_rnn says it cannot run is 'unavailable' (exit 0), with fused_rnn's reason
+    and how to enable it, said once; a crash is 'error' (exit 1)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: no Triton
     out = tmp_path / "u"
     args = [*TINY, "--cell", "rnn", "--mode", "fwd", "--backend", "torch,persistent",
             "--out", str(out)]  # fmt: skip
@@ -266,12 +351,13 @@ def test_unavailable_and_failing_backends(monkeypatch, tmp_path, capsys):
         ("torch", "ok"),
         ("persistent", "unavailable"),
     ]
-    assert (
-        rows[1]["fused_ms"] is None
-        and rows[1]["ratio"] is None
-        and "persistent" in rows[1]["error"]
-    )
-    capsys.readouterr()
+    why = dispatch.unavailable_reason("persistent", "RNN_TANH", torch.device("cpu"))
+    assert "CUDA" in why
+    gone = rows[1]
+    assert gone["fused_ms"] is None and gone["ratio"] is None and gone["within_noise"] is None
+    how = "To run them on CPU, set TRITON_INTERPRET=1 in the environment"
+    assert gone["error"].startswith(f"persistent: {why}. {how}")
+    assert f"unavailable (row 2): persistent: {why}. {how}" in capsys.readouterr().out
 
     def broken(*a, **k):
         raise RuntimeError("kernel exploded")

@@ -440,3 +440,76 @@ def test_lstm_variants_only_on_lstm():
             cls(I, H, peephole=1)
         with pytest.raises(TypeError, match="coupled_gates should be of type bool"):
             cls(I, H, coupled_gates="yes")
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_rnn.functional: weight layouts. The weights are one list per layer and direction in
+# torch's order (what torch.nn's all_weights holds); any other layout names the expected one.
+
+LSTM_LAYOUT = (
+    "weights must be a list of num_layers*num_directions (= 4) lists [w_ih, w_hh, b_ih, b_hh], "
+    "one per layer and direction in torch's order (as torch.nn's all_weights holds them)"
+)
+
+
+def _flat(groups):
+    return [w for g in groups for w in g]
+
+
+# (id, weights from the all_weights of an nn.LSTM(I, H, num_layers=2, bidirectional=True),
+#  exception, the text after the layout)
+LAYOUTS = [
+    ("flat-list", _flat, TypeError,
+     "got a flat list of 16 tensors: group them per layer and direction, "
+     "[[w_ih_l0, w_hh_l0, ...], [w_ih_l1, w_hh_l1, ...]]"),
+    ("tensor", lambda g: g[0][0], TypeError, f"got a Tensor of shape ({4 * H}, {I})"),
+    ("state_dict", lambda g: {"weight_ih_l0": g[0][0]}, TypeError,
+     "got a dict (a state_dict?): pass the module's all_weights"),
+    ("not-iterable", lambda g: 3, TypeError, "got int"),
+    ("missing-bias", lambda g: [ws[:2] for ws in g], ValueError,
+     "weights[0] holds 2 tensors, expected 4 (no biases? pass bias=False)"),
+    ("too-few-groups", lambda g: g[:2], ValueError, "got 2 lists"),
+    ("one-group", lambda g: g[:1], ValueError, "got 1 list"),
+    ("too-many-groups", lambda g: g + g[:1], ValueError, "got 5 lists"),
+    ("group-is-tensor", lambda g: [g[0][0], *g[1:]], TypeError,
+     f"weights[0] is a Tensor of shape ({4 * H}, {I})"),
+    ("group-is-dict", lambda g: [*g[:3], {"w": g[3][0]}], TypeError, "weights[3] is a dict"),
+    ("bias-none", lambda g: [[ws[0], ws[1], None, ws[3]] for ws in g], TypeError,
+     "weights[0][2] (b_ih) is None, not a Tensor"),
+    ("bias-before-w_hh", lambda g: [[ws[0], ws[2], ws[1], ws[3]] for ws in g], ValueError,
+     f"weights[0][1] (w_hh) must be 2-D, got shape ({4 * H},)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, exc, got", [r[1:] for r in LAYOUTS], ids=[r[0] for r in LAYOUTS])
+def test_functional_weight_layout_errors(make, exc, got):
+    ref = nn.LSTM(I, H, num_layers=2, bidirectional=True)
+    x = torch.zeros(2, 1, I)
+    with pytest.raises(exc) as info:
+        fused_rnn.functional.lstm(x, None, make(ref.all_weights), num_layers=2, bidirectional=True)
+    assert str(info.value) == f"{LSTM_LAYOUT}; {got}"
+
+
+def test_functional_weight_layout_names_the_options():
+    """The expected layout follows bias, proj_size and peephole; the right one runs."""
+    x = torch.zeros(2, 1, I)
+    nobias = nn.GRU(I, H, bias=False)
+    with pytest.raises(ValueError) as info:
+        fused_rnn.functional.gru(x, None, [ws * 2 for ws in nobias.all_weights], bias=False)
+    assert "lists [w_ih, w_hh], one per layer" in str(info.value)
+    assert "weights[0] holds 4 tensors, expected 2 (with biases, pass bias=True)" in str(info.value)
+    with pytest.raises(TypeError, match=r"\(= 1\) lists \[w_ih, w_hh\].*flat list of 2 tensors"):
+        fused_rnn.functional.rnn(x, None, nn.RNN(I, H, bias=False).all_weights[0], bias=False)
+
+    proj = nn.LSTM(I, H, proj_size=2)
+    with pytest.raises(ValueError, match=r"\[w_ih, w_hh, b_ih, b_hh, w_hr\].*holds 4 tensors"):
+        fused_rnn.functional.lstm(x, None, [ws[:4] for ws in proj.all_weights], proj_size=2)
+    peep = fused_rnn.LSTM(I, H, peephole=True, proj_size=2)
+    w = peep.all_weights
+    assert len(w[0]) == 6
+    fused_rnn.functional.lstm(x, None, w, proj_size=2, peephole=True)
+    with pytest.raises(ValueError, match=r"\[w_ih, w_hh, b_ih, b_hh, w_hr, w_ch\].*holds 5"):
+        fused_rnn.functional.lstm(x, None, [ws[:5] for ws in w], proj_size=2, peephole=True)
+    swapped = [[*ws[:4], ws[5], ws[4]] for ws in w]  # w_ch before w_hr
+    with pytest.raises(ValueError, match=r"weights\[0\]\[4\] \(w_hr\) must be 2-D, got shape"):
+        fused_rnn.functional.lstm(x, None, swapped, proj_size=2, peephole=True)
