@@ -45,6 +45,8 @@ __all__ = [
     "choose",
     "PERSISTENT_WARPS",
     "persistent_tiles",
+    "forced_persistent_tiles",
+    "concurrent_programs",
     "split_k",
     "launch_persistent",
     "_sigmoid",
@@ -286,14 +288,60 @@ def split_k(block_k: int, warps: int) -> int:
     return max(1, min(warps, block_k // 16))
 
 
+# Test hooks. Triton's interpreter runs a grid's programs one after another, so by default a
+# persistent kernel runs there as ONE program: a grid barrier over several would wait forever.
+# A test executor that runs each program in its own thread declares it with
+# `concurrent_programs`, and asks for GPU-like tiling with `forced_persistent_tiles`; whatever
+# tiling the persistent kernels use, they honour the hook's shares per program.
+_FORCED_TILES: tuple[int, int, int | None] | None = None
+_CONCURRENT_PROGRAMS = False
+
+
+@contextlib.contextmanager
+def forced_persistent_tiles(units: int = 16, proj_rows: int = 16, batch: int | None = 16):
+    """Within the body, every persistent launch gives each program `units` hidden units (all
+    gates), `proj_rows` rows of h (with a projection) and `batch` sequences (None: the whole
+    batch), on a GPU and under the interpreter alike. Powers of two; a GPU's `tl.dot` needs
+    at least 16. A tiling that never splits the batch (W_hh held once by the grid) ignores
+    `batch`. A test hook: it decides tiling only, never what the kernels compute."""
+    global _FORCED_TILES
+    for n in (units, proj_rows) + ((batch,) if batch is not None else ()):
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"tile sizes must be powers of two, got {n}")
+    old, _FORCED_TILES = _FORCED_TILES, (units, proj_rows, batch)
+    try:
+        yield
+    finally:
+        _FORCED_TILES = old
+
+
+@contextlib.contextmanager
+def concurrent_programs():
+    """Declares, for the body, that the interpreter runs a grid's programs concurrently (set
+    by a test executor that gives each program a thread): `launch_persistent` then lets a grid
+    barrier span several programs there."""
+    global _CONCURRENT_PROGRAMS
+    old, _CONCURRENT_PROGRAMS = _CONCURRENT_PROGRAMS, True
+    try:
+        yield
+    finally:
+        _CONCURRENT_PROGRAMS = old
+
+
 def persistent_tiles(H: int, B: int, P: int = 0, sm_count: int = 1):
     """(BLOCK_H, BLOCK_P, BLOCK_B, grid) of a persistent kernel.
 
     Programs own BLOCK_H hidden units (all gates) and, with a projection, BLOCK_P rows of h, for
-    a BLOCK_B tile of the batch; grid = (unit blocks, batch tiles). Under the interpreter one
-    program covers everything (programs run one after another there, so a barrier only works
-    with one). On a GPU: the smallest MMA tile (16) unless that needs more programs than SMs.
+    a BLOCK_B tile of the batch; grid = (unit blocks, batch tiles). Under `forced_persistent_tiles`
+    the shares it names. Otherwise under the interpreter one program covers everything
+    (programs run one after another there, so a barrier only works with one); on a GPU the
+    smallest MMA tile (16) unless that needs more programs than SMs.
     """
+    if _FORCED_TILES is not None:
+        BLOCK_H, BLOCK_P, BLOCK_B = _FORCED_TILES
+        BLOCK_B = BLOCK_B or block_size(B, 16, 1 << 30)
+        n_u = max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P))
+        return BLOCK_H, BLOCK_P, BLOCK_B, (n_u, triton.cdiv(B, BLOCK_B))
     if is_interpreter():
         whole = functools.partial(block_size, lo=16, hi=1 << 30)
         return whole(H), whole(P), whole(B), (1, 1)
@@ -336,10 +384,11 @@ def launch_persistent(kernel, grid, *, barriers: int, onchip_bytes: int, device,
     programs = grid[0] * grid[1]
     kwargs.setdefault("num_warps", PERSISTENT_WARPS)
     if is_interpreter():
-        if programs > 1 and barriers > 0:
+        if programs > 1 and barriers > 0 and not _CONCURRENT_PROGRAMS:
             raise RuntimeError(
                 "the interpreter runs programs one after another: a grid barrier over "
-                f"{programs} programs would never be reached by all of them"
+                f"{programs} programs would never be reached by all of them "
+                "(unless a test runs them concurrently: `concurrent_programs`)"
             )
         kernel[grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **kwargs)
         return True
