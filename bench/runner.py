@@ -190,15 +190,18 @@ def available_backends(device: torch.device, cell: str = "lstm") -> set[str] | N
     return {"auto", *names}
 
 
-def resolved_backend(backend: str, cell: str, device: torch.device) -> str | None:
-    """What ``backend`` (notably "auto") runs as for ``cell`` on ``device``, if fused_rnn says."""
-    fn = getattr(_dispatch(), "resolve", None)
-    if fn is None:
+def resolved_backend(model: nn.Module, x: torch.Tensor, mode: str) -> str | None:
+    """What ``model`` (notably with backend "auto") runs as on ``x`` in ``mode``, as
+    ``fused_rnn.dispatch.explain`` reports it from one call ("a+b" if its layers differ)."""
+    explain = getattr(_dispatch(), "explain", None)
+    if explain is None:
         return None
     try:
-        return fn(backend, _DISPATCH_MODES[cell], device)
+        with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+            rows = explain(model, x, file=None)
     except Exception:
         return None
+    return "+".join(sorted({r.backend for r in rows})) or None
 
 
 def unavailable_reason(backend: str, cell: str, device: torch.device) -> str:
@@ -337,7 +340,6 @@ def run_config(
             mode=cfg.mode,
             device=str(device),
             backend=b,
-            resolved_backend=resolved_backend(b, shape.cell, device),
             shape=shape,
         )
         for v in variants
@@ -386,6 +388,7 @@ def _run_fused(row: Row, ref, x, device, dtype, probe: bool, opts: TimingOptions
         torch.manual_seed(0)
         fused = build_fused(row.shape, device, dtype, row.backend, row.variant)
         fused.train(row.mode == "fwdbwd")
+        row.resolved_backend = resolved_backend(fused, x, row.mode)
         if row.variant == "none":
             fused.load_state_dict(ref.state_dict())
             row.max_abs_diff, row.grad_max_abs_diff = compare(fused, ref, x, row.mode)

@@ -159,7 +159,13 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     batch = h0.shape[1]
-    which = dispatch.resolve(backend, mode, data.device)
+    which = dispatch.resolve(
+        backend, mode, data.device, dtype=_autocast_dtype(data.device, mode, False) or data.dtype,
+        steps=input.batch_sizes.shape[0] if packed else data.shape[1 if batch_first else 0],
+        batch=batch, input_size=data.shape[-1], hidden=(h0 if c0 is None else c0).shape[-1],
+        proj=0 if weights[0].w_hr is None else h0.shape[-1], layers=num_layers,
+        bidirectional=bidirectional, peephole=weights[0].w_ch is not None, coupled=coupled,
+        grad=dispatch.needs_grad(data, h0, c0, *weights))  # fmt: skip
     if which != "torch" and batch == 0:
         which = "torch"  # nothing to launch: an empty batch returns empty tensors
     if which == "torch" and _native_ok(variant):
@@ -354,7 +360,11 @@ def rnn(input, hx, weights, *, nonlinearity="tanh", bias=True, num_layers=1, dro
 
 
 def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
-    which = dispatch.resolve(backend, mode, input.device)
+    which = dispatch.resolve(
+        backend, mode, input.device, dtype=_autocast_dtype(input.device, mode, True) or input.dtype,
+        steps=1, batch=input.shape[0], input_size=input.shape[-1], hidden=h.shape[-1],
+        peephole=w.w_ch is not None, coupled=coupled, grad=dispatch.needs_grad(input, h, c, w),
+        cell=True)  # fmt: skip
     if which != "torch" and input.shape[0] == 0:
         which = "torch"
     if which == "torch" and _native_ok(variant):

@@ -19,6 +19,7 @@ LAYERS = {
     "fused_rnn.modules": 4,
     "fused_rnn.functional": 3,
     "fused_rnn.recurrence": 3,
+    "fused_rnn._tuning": 3,  # the autotuner's workload (functional calls), registered in dispatch
     "fused_rnn.dispatch": 2,
     "fused_rnn._ops": 2,
     "fused_rnn._graphs": 2,

@@ -14,8 +14,8 @@ is checked where no barrier is crossed (T = 1, no projection). Every kernel outp
 NaN-filled before the kernel runs (poison): an element a kernel forgets to write fails a test.
 
 Launch decisions: the co-residency bound, `choose` and the tiling are pure functions, checked with
-fake device properties on both sides of each limit; "auto" stays stepwise while
-dispatch.PERSISTENT_IN_AUTO is False.
+fake device properties on both sides of each limit; "auto" picks the persistent kernels only
+where a measurement says so.
 """
 
 import os
@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 os.environ.setdefault("FUSED_RNN_POISON", "1")
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -391,17 +392,35 @@ def test_launch_refused_before_compiling(monkeypatch):
     assert ok is False
 
 
-def test_auto_stays_stepwise_until_validated(monkeypatch):
-    """ "auto" never picks the persistent kernels while PERSISTENT_IN_AUTO is False."""
-    assert dispatch.PERSISTENT_IN_AUTO is False
-    cuda = torch.device("cuda")
-    for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
-        assert dispatch.resolve("auto", mode, cuda) == "stepwise"
-        assert dispatch.resolve("persistent", mode, cuda) == "persistent"
-    assert dispatch.resolve("auto", "LSTM", torch.device("cpu")) == "torch"
-    monkeypatch.setattr(dispatch, "PERSISTENT_IN_AUTO", True)
-    assert dispatch.resolve("auto", "GRU", cuda) == "persistent"
-    assert dispatch.resolve("auto", "GRU", torch.device("cpu")) == "torch"
+def test_auto_picks_persistent_only_where_measured(monkeypatch, tmp_path):
+    """ "auto" runs the persistent kernels only where a measurement says so (here a policy),
+    never by default; "persistent" asked for explicitly runs wherever it can."""
+    fake = dispatch.DeviceInfo("Fake GPU", (9, 0))
+    monkeypatch.setattr(dispatch, "device_info", lambda device: fake)
+    monkeypatch.delenv(dispatch.POLICY_ENV, raising=False)
+    dispatch.set_autotune(False)
+    dispatch.forget()
+    cpu = torch.device("cpu")  # a GPU to dispatch (fake); the kernels run under the interpreter
+    sizes = dict(dtype=torch.float16, steps=64, batch=8, input_size=16, hidden=32)
+    try:
+        for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+            assert dispatch.resolve("auto", mode, cpu, **sizes) == "torch"
+            assert dispatch.resolve("persistent", mode, cpu, **sizes) == "persistent"
+        assert dispatch.resolve("auto", "LSTM", cpu, **sizes, peephole=True) == "stepwise"
+        key = dispatch.Problem("GRU", "fp16", 64, 8, 16, 32).key(fake.arch)
+        policy = {"format": 1, "source": "test", "entries": {key: {"backend": "persistent",
+                  "shapes": [{"shape": "T64 B8 I16 H32", "ms": {"torch": 2.0, "persistent": 1.0,
+                                                                  "stepwise": 3.0}}]}}}  # fmt: skip
+        (tmp_path / "policy.json").write_text(json.dumps(policy))
+        monkeypatch.setenv(dispatch.POLICY_ENV, str(tmp_path / "policy.json"))
+        dispatch.forget()
+        assert dispatch.resolve("auto", "GRU", cpu, **sizes) == "persistent"
+        assert dispatch.resolve("auto", "LSTM", cpu, **sizes) == "torch"
+    finally:
+        dispatch.set_autotune(None)
+        monkeypatch.undo()
+        dispatch.forget()
+    assert dispatch.resolve("auto", "GRU", cpu, **sizes) == "torch"
 
 
 def test_cooperative_launch_option_exists():
