@@ -41,13 +41,12 @@ one place where the operators' inputs are made contiguous and checked for one dt
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
 from torch import Tensor
 
-from . import _loop
+from . import _graphs, _loop
 
 __all__ = [
     "lstm_recurrence",
@@ -74,22 +73,42 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return _loop.acc_dtype(dtype)
 
 
+# The stepwise loops of sequences at least this long replay as CUDA graphs (fused_rnn._graphs):
+# shorter ones launch directly, where building the cache key costs about as much as the launches
+# it saves. A starting point, not yet tuned on a GPU.
+GRAPH_MIN_STEPS = 16
+
+
+def _graph_worthy(backend: str, steps: int) -> bool:
+    """Whether a CUDA launch of `backend` over `steps` time steps goes through the graph cache:
+    the stepwise loops of long sequences (a persistent launch is one launch already)."""
+    return backend == "stepwise" and steps >= GRAPH_MIN_STEPS
+
+
 def _run(name: str, backend: str, *args):
     """Runs implementation `name` ("lstm_fwd", "gru_bwd", ...) of `backend` on `args`.
 
     Triton launchers run on the device of their tensors: Triton compiles for and launches on the
-    current CUDA device and stream, which need not be the tensors' (a model on cuda:1).
+    current CUDA device and stream, which need not be the tensors' (a model on cuda:1). On CUDA
+    the stepwise loops of long sequences are captured once per shape and replayed as CUDA graphs.
     """
     if backend == "torch":
         return getattr(_loop, name)(*args)
     if backend not in FUSED_IMPLS:
         raise ValueError(f"fused_rnn: unknown backend {backend!r} for a recurrence operator")
     module = importlib.import_module(f"fused_rnn.kernels.{name.partition('_')[0]}")
-    fn = getattr(module, name)
-    device = next(a.device for a in args if isinstance(a, Tensor))
-    scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with scope:
-        return fn(*args, persistent=backend == "persistent")
+    fn, kwargs = getattr(module, name), {"persistent": backend == "persistent"}
+    first = next(a for a in args if isinstance(a, Tensor))  # gx or dy: (T, B, ...)
+    if first.device.type != "cuda":
+        return fn(*args, **kwargs)
+    with torch.cuda.device(first.device):
+        if _graph_worthy(backend, first.shape[0]):
+            # what steers the recorded launches besides the arguments: the dot precision (from
+            # torch's TF32 flags) and the NaN poison of the outputs (tests)
+            common = importlib.import_module("fused_rnn.kernels._common")
+            extra = (common.dot_precision(first.dtype), common.poison_enabled())
+            return _graphs.graphed(fn, args, kwargs, key_extra=extra)
+        return fn(*args, **kwargs)
 
 
 def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None, op: str = "fused_rnn"):

@@ -371,8 +371,8 @@ def test_backend_option_reaches_the_new_modules(monkeypatch):
     chosen = []
     resolve = fused_rnn.dispatch.resolve
 
-    def recording_resolve(*args):
-        chosen.append(resolve(*args))
+    def recording_resolve(*args, **kwargs):
+        chosen.append(resolve(*args, **kwargs))
         return chosen[-1]
 
     monkeypatch.setattr(fused_rnn.dispatch, "resolve", recording_resolve)

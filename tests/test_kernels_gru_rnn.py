@@ -224,15 +224,6 @@ def test_gradcheck(mode):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("mode", ["GRU", "RNN_TANH"])
-def test_double_backward_raises(mode):
-    x, h0, w = _make(mode, 2, 3, 8, 3, torch.float64)
-    y, hT = _run_kernel(mode, x, h0, w, None, False)
-    (g,) = torch.autograd.grad((y * y).sum() + hT.sum(), h0, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_subsets(mode):
     """Each input alone requiring a gradient (the backward skips what is not needed)."""
