@@ -348,6 +348,8 @@ def environment() -> dict:
         "date": _dt.date.today().isoformat(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        # other work on the machine inflates wall-clock figures (and, less, CPU time)
+        "loadavg_1min": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -369,8 +371,8 @@ def run(
         f"{dtype_name}, median of {repeat} after {warmup} warm-up"
     )
     log(
-        f"  {env['cpu']}; python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['commit']}"
+        f"  {env['cpu']} ({env['cpu_count']} cores, load {env['loadavg_1min']}); python "
+        f"{env['python']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
     )
     rows = []
     checks = {}

@@ -43,6 +43,10 @@ import logging
 import os
 
 import torch
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.autotuner import Heuristics
+from triton.runtime.jit import JITFunction
 
 from ._common import is_interpreter
 
@@ -123,8 +127,6 @@ def _count_plain(kernel, reason: str) -> None:
 
 def _unwrap(kernel):
     """(the JITFunction under any @triton.heuristics, the heuristics outermost first)."""
-    from triton.runtime.autotuner import Heuristics
-
     heuristics = []
     while isinstance(kernel, Heuristics):
         heuristics.append(kernel.values)
@@ -132,7 +134,12 @@ def _unwrap(kernel):
     return kernel, heuristics
 
 
+_CHECKED: set = set()  # (kernel, steps) found valid
+
+
 def _check_not_specialized(kernel, steps) -> None:
+    if (kernel, steps) in _CHECKED:
+        return
     fn, _ = _unwrap(kernel)
     names = list(getattr(fn, "arg_names", ()))
     dns = getattr(fn, "do_not_specialize", None)
@@ -145,6 +152,7 @@ def _check_not_specialized(kernel, steps) -> None:
             f"{_kernel_name(kernel)}: step arguments {missing} must be in do_not_specialize, "
             "so that one compiled kernel serves every step"
         )
+    _CHECKED.add((kernel, steps))
 
 
 def _plain_reason(kernel) -> str | None:
@@ -153,9 +161,6 @@ def _plain_reason(kernel) -> str | None:
         return "switched off"
     if is_interpreter():
         return "interpreter"
-    from triton import knobs
-    from triton.runtime.jit import JITFunction
-
     fn, _ = _unwrap(kernel)
     if not isinstance(fn, JITFunction):
         return f"not a JITFunction: {type(fn).__name__}"
@@ -183,8 +188,6 @@ class _Marker:
 def _prepare(kernel, grid, steps, kwargs):
     """Launches the first step the plain way, then returns the lean launch of later steps, or
     None (counted, logged) when it cannot be set up."""
-    from triton.runtime import driver
-
     fn, heuristics = _unwrap(kernel)
     # what Heuristics.run does, outermost first, on the arguments of this launch
     for values in heuristics:
