@@ -89,21 +89,21 @@ def step_launcher(kernel, grid, steps: tuple[str, ...], **kwargs):
     grid = tuple(grid)
     kwargs = dict(kwargs)
 
-    def plain(*values):
+    def plain(values):
         kwargs.update(zip(steps, values))
         kernel[grid](**kwargs)
 
     reason = _plain_reason(kernel)
     if reason is not None:
         _count_plain(kernel, reason)
-        return plain
+        return lambda *values: plain(values)
 
     fast = None
 
     def launch(*values):
         nonlocal fast
         if fast is not None:
-            fast(*values)
+            fast(values)
             return
         kwargs.update(zip(steps, values))
         fast = _prepare(kernel, grid, steps, kwargs) or plain
@@ -264,47 +264,29 @@ def _record(fn, compiled, grid, stream, steps, kwargs):
         m = call[i] if j is None else call[i][j]
         where[m.index] = i if j is None else j
     raw = launcher.launch
+    head = tail = ()
+    if nested:
+        (k,) = nested
+        if not isinstance(call[k], tuple):
+            raise _NotLean(f"kernel arguments passed as {type(call[k]).__name__}")
+        head, tail, call = tuple(call[:k]), tuple(call[k + 1 :]), list(call[k])
     _log.debug("%s: lean launches", _kernel_name(fn))
     STATS["lean"] += 1
-    if not nested:
-        return _flat_launch(raw, call, where)
-    (k,) = nested
-    return _nested_launch(raw, call, k, list(call[k]), type(call[k]), where)
+    # the hot path of every step: where the step arguments are consecutive and in order (every
+    # kernel here), the arguments are two constant tuples around the step's values
+    p = where[0]
+    if where == list(range(p, p + len(where))):
+        pre, post = tuple(call[:p]), tuple(call[p + len(where) :])
+        if nested:
+            return lambda values: raw(*head, pre + values + post, *tail)
+        return lambda values: raw(*(pre + values + post))
 
-
-def _flat_launch(raw, call, where):
-    if len(where) == 1:
-        (p,) = where
-
-        def launch(v):
-            call[p] = v
+    def launch(values):
+        for i, v in zip(where, values):
+            call[i] = v
+        if nested:
+            raw(*head, tuple(call), *tail)
+        else:
             raw(*call)
-
-        return launch
-
-    def launch(*values):
-        for p, v in zip(where, values):
-            call[p] = v
-        raw(*call)
-
-    return launch
-
-
-def _nested_launch(raw, call, k, inner, kind, where):
-    if len(where) == 1:
-        (p,) = where
-
-        def launch(v):
-            inner[p] = v
-            call[k] = kind(inner)
-            raw(*call)
-
-        return launch
-
-    def launch(*values):
-        for p, v in zip(where, values):
-            inner[p] = v
-        call[k] = kind(inner)
-        raw(*call)
 
     return launch

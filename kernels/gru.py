@@ -582,8 +582,9 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
         _fwd_step_kernel, grid, ("t", "s_in", "s_out"), gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn,
         lengths=lengths, y=y, ws=ws, B=B, H=H, **kw, **meta, num_warps=warps,
     )  # fmt: skip
+    d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
     for t in range(T - 1, -1, -1) if reverse else range(T):
-        step(t, *_slots(t, reverse))
+        step(t, t + d, t + 1 - d)
     return y, hs, ws
 
 
@@ -632,8 +633,9 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
             _bwd_step_kernel, grid, ("t", "t_next", "s_in", "s_out"), HAS_NEXT=True,
             HAS_STEP=True, **common,
         )  # fmt: skip
+        d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
         for t in range(1, T) if reverse else range(T - 2, -1, -1):
-            step(t, t_next, *_slots(t, reverse))
+            step(t, t_next, t + d, t + 1 - d)
             t_next = t
         if need_h0:
             _bwd_step_kernel[grid](
