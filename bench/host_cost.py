@@ -320,6 +320,25 @@ def measure(case: Case, seen: StubLaunches, T: int, repeat: int, warmup: int):
     }
 
 
+def per_call(single: Case, row: dict, T: int, repeat: int) -> dict:
+    """What a call costs whatever its length and what each step adds, CPU µs: the marginal cost
+    of a step from calls of 2 and of T steps (the T-step figures in `row`); 2, not 1, so that
+    both calls set up every loop (a backward of 1 step runs only its first-step variant), and
+    the fixed cost of a call = (call of 2 steps) - 2 x (marginal step)."""
+    single.bwd(single.fwd())
+    _, fwd2 = _median_us(single.fwd, repeat)
+    _, both2 = _median_us(lambda: single.bwd(single.fwd()), repeat)
+    fwd_t, both_t = row["fwd_cpu_us_per_step"] * T, row["fwdbwd_cpu_us_per_step"] * T
+    fwd_step = (fwd_t - fwd2) / max(T - 2, 1)
+    both_step = (both_t - both2) / max(T - 2, 1)
+    return {
+        "fwd_cpu_us_per_call": fwd2 - 2 * fwd_step,
+        "fwdbwd_cpu_us_per_call": both2 - 2 * both_step,
+        "fwd_cpu_us_per_marginal_step": fwd_step,
+        "fwdbwd_cpu_us_per_marginal_step": both_step,
+    }
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -389,12 +408,13 @@ def run(
                         f"  {name}: lean launches == plain launches over {n} launches: "
                         + ("yes" if diff is None else f"NO ({diff})")
                     )
-                case = make_case(name, T, B, H, dtype)
+                case, single = make_case(name, T, B, H, dtype), make_case(name, 2, B, H, dtype)
                 for path in ("plain", "lean"):
                     with lean_launches(path == "lean"):
                         gc.disable()
                         try:
                             row = measure(case, seen, T, repeat, warmup)
+                            row.update(per_call(single, row, T, repeat))
                         finally:
                             if gc_was:
                                 gc.enable()
@@ -403,6 +423,8 @@ def run(
         torch.set_num_threads(threads)
     log("")
     log(_table(rows))
+    log("")
+    log(_split_table(rows, T))
     return {
         "env": env,
         "T": T,
@@ -434,6 +456,22 @@ def _table(rows) -> str:
         lines.append((r["case"], r["path"], f"{per_step:.2f}", *pair, f"{r['plain_launches']}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _split_table(rows, T: int) -> str:
+    lines = [
+        ("", "", "fixed per call", "fixed per call", "per step", "per step"),
+        ("case", "path", "fwd", "f+b", "fwd", "f+b"),
+    ]
+    for r in rows:
+        lines.append((
+            r["case"], r["path"], f"{r['fwd_cpu_us_per_call']:.0f}",
+            f"{r['fwdbwd_cpu_us_per_call']:.0f}", f"{r['fwd_cpu_us_per_marginal_step']:.2f}",
+            f"{r['fwdbwd_cpu_us_per_marginal_step']:.2f}",
+        ))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    return f"CPU µs fixed per call and per marginal step (from calls of 2 and {T} steps):\n" + text
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
+import inspect
 import logging
 import os
 
@@ -213,6 +215,15 @@ class _NotLean(Exception):
     pass
 
 
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+@functools.cache
+def _params(fn) -> tuple:
+    """(name, default) of each parameter of a jit function, in order."""
+    return tuple((n, p.default) for n, p in fn.signature.parameters.items())
+
+
 def _record(fn, compiled, grid, stream, steps, kwargs):
     """The lean launch of `compiled`: records the call its launcher makes to the raw launch once
     (step arguments as markers), then returns a function repeating it with the step values."""
@@ -229,14 +240,14 @@ def _record(fn, compiled, grid, stream, steps, kwargs):
     # the kernel's arguments in signature order, as the binder passes them (defaults filled in)
     # (addresses stay valid: the caller's `kwargs`, kept by its launch function, holds the tensors)
     args = []
-    for name, p in fn.signature.parameters.items():
+    for name, default in _params(fn):
         if name in steps:
             args.append(_Marker(steps.index(name)))
         elif name in kwargs:
             a = kwargs[name]
             args.append(a.data_ptr() if isinstance(a, torch.Tensor) else a)
-        elif p.default is not p.empty:
-            args.append(p.default)
+        elif default is not _NO_DEFAULT:
+            args.append(default)
         else:
             raise _NotLean(f"argument {name} missing")
     g = grid + (1,) * (3 - len(grid))
@@ -251,10 +262,10 @@ def _record(fn, compiled, grid, stream, steps, kwargs):
     call = list(calls[0])
 
     # where the markers went: in the call itself (3.6) or in one tuple inside it (3.9)
-    found = [(i, None) for i, a in enumerate(call) if isinstance(a, _Marker)]
+    found = [(i, None) for i, a in enumerate(call) if type(a) is _Marker]
     for i, a in enumerate(call):
-        if isinstance(a, (tuple, list)):
-            found += [(i, j) for j, b in enumerate(a) if isinstance(b, _Marker)]
+        if type(a) is tuple or type(a) is list:
+            found += [(i, j) for j, b in enumerate(a) if type(b) is _Marker]
     nested = {i for i, j in found if j is not None}
     mixed = nested and any(j is None for _, j in found)
     if len(found) != len(steps) or len(nested) > 1 or mixed:
