@@ -87,6 +87,7 @@ def step_launcher(kernel, grid, steps: tuple[str, ...], **kwargs):
     (num_warps, ...), the same for every launch. Create one per loop (it holds the loop's
     tensors) and call it with the step values, positionally in the order of `steps`.
     """
+    steps = tuple(steps)
     _check_not_specialized(kernel, steps)
     grid = tuple(grid)
     kwargs = dict(kwargs)
