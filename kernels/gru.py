@@ -87,6 +87,7 @@ from ._common import (
     persistent_tiles,
     split_k,
 )
+from ._launch import step_launcher
 
 __all__ = [
     "gru_fwd",
@@ -577,12 +578,13 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
         ):  # fmt: skip
             return y, hs, ws
     grid, meta, warps = _tiles(B, H)
+    step = step_launcher(
+        _fwd_step_kernel, grid, ("t", "s_in", "s_out"), gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn,
+        lengths=lengths, y=y, ws=ws, B=B, H=H, **kw, **meta, num_warps=warps,
+    )  # fmt: skip
+    d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
     for t in range(T - 1, -1, -1) if reverse else range(T):
-        s_in, s_out = _slots(t, reverse)
-        _fwd_step_kernel[grid](
-            gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws,
-            t=t, s_in=s_in, s_out=s_out, B=B, H=H, **kw, **meta, num_warps=warps,
-        )  # fmt: skip
+        step(t, t + d, t + 1 - d)
     return y, hs, ws
 
 
@@ -621,13 +623,19 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
             dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
             dh0=dh0, B=B, H=H, **kw, **meta, num_warps=warps,
         )  # fmt: skip
-        t_next = None
-        for t in range(T) if reverse else range(T - 1, -1, -1):
-            s_in, s_out = _slots(t, reverse)
-            _bwd_step_kernel[grid](
-                t=t, t_next=0 if t_next is None else t_next, s_in=s_in, s_out=s_out,
-                HAS_NEXT=t_next is not None, HAS_STEP=True, **common,
-            )  # fmt: skip
+        # the first step processed has no later step to take dh from: its own variant
+        t_next = 0 if reverse else T - 1
+        s_in, s_out = _slots(t_next, reverse)
+        _bwd_step_kernel[grid](
+            t=t_next, t_next=0, s_in=s_in, s_out=s_out, HAS_NEXT=False, HAS_STEP=True, **common
+        )
+        step = step_launcher(
+            _bwd_step_kernel, grid, ("t", "t_next", "s_in", "s_out"), HAS_NEXT=True,
+            HAS_STEP=True, **common,
+        )  # fmt: skip
+        d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
+        for t in range(1, T) if reverse else range(T - 2, -1, -1):
+            step(t, t_next, t + d, t + 1 - d)
             t_next = t
         if need_h0:
             _bwd_step_kernel[grid](

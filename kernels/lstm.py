@@ -90,6 +90,7 @@ from ._common import (
     persistent_tiles,
     split_k,
 )
+from ._launch import step_launcher
 
 __all__ = ["lstm_fwd", "lstm_bwd"]
 
@@ -842,18 +843,22 @@ def lstm_fwd(
 
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     cell_grid, cell_kw = _stepwise_meta(B, H, R, "BLOCK_H")
+    cell = step_launcher(
+        _lstm_fwd_cell_kernel, cell_grid, ("t",), gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms,
+        w_hh=w_hh, w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
+        **cell_kw,
+    )  # fmt: skip
     if w_hr is not None:
         proj_grid, proj_kw = _stepwise_meta(B, R, H, "BLOCK_P")
+        proj = step_launcher(
+            _lstm_fwd_proj_kernel, proj_grid, ("t",), ms=ms, w_hr=w_hr, hs=hs, y=y,
+            lengths=lengths, B=B, H=H, P=R, **kw, **proj_kw,
+        )  # fmt: skip
     for s in range(T):
         t = T - 1 - s if reverse else s
-        _lstm_fwd_cell_kernel[cell_grid](
-            gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_ch=w_ch,
-            lengths=lengths, t=t, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw, **cell_kw,
-        )  # fmt: skip
+        cell(t)
         if w_hr is not None:
-            _lstm_fwd_proj_kernel[proj_grid](
-                ms=ms, w_hr=w_hr, hs=hs, y=y, lengths=lengths, t=t, B=B, H=H, P=R, **kw, **proj_kw
-            )
+            proj(t)
     return y, hs, cs, gates, ms
 
 
@@ -910,21 +915,26 @@ def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, length
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype))
     cell_grid, cell_kw = _stepwise_meta(B, H, R if w_hr is not None else GH, "BLOCK_H")
+    cell_kw.update(
+        dgx=dgx, gates=gates, cs=cs, dc=dc, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
+        w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
+    )  # fmt: skip
     if w_hr is not None:
         dh_grid, dh_kw = _stepwise_meta(B, R, GH, "BLOCK_P")
-    for s in range(T - 1, -1, -1):
+        dh_kw.update(dgx=dgx, w_hh=w_hh, dh=dh, dy=dy, dhs=dhs, lengths=lengths, B=B, GH=GH, P=R,
+                     **kw)  # fmt: skip
+    # the first step processed (s = T - 1) has no later step to take dh from: its own variant
+    t = 0 if reverse else T - 1
+    if w_hr is not None:
+        _lstm_bwd_dh_kernel[dh_grid](t=t, USE_NEXT=False, **dh_kw)
+        dh_step = step_launcher(_lstm_bwd_dh_kernel, dh_grid, ("t",), USE_NEXT=True, **dh_kw)
+    _lstm_bwd_cell_kernel[cell_grid](t=t, USE_NEXT=False, **cell_kw)
+    cell = step_launcher(_lstm_bwd_cell_kernel, cell_grid, ("t",), USE_NEXT=True, **cell_kw)
+    for s in range(T - 2, -1, -1):
         t = T - 1 - s if reverse else s
-        use_next = s < T - 1
         if w_hr is not None:
-            _lstm_bwd_dh_kernel[dh_grid](
-                dgx=dgx, w_hh=w_hh, dh=dh, dy=dy, dhs=dhs, lengths=lengths, t=t, B=B, GH=GH,
-                P=R, USE_NEXT=use_next, **kw, **dh_kw,
-            )  # fmt: skip
-        _lstm_bwd_cell_kernel[cell_grid](
-            dgx=dgx, gates=gates, cs=cs, dc=dc, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
-            w_ch=w_ch, lengths=lengths, t=t, B=B, H=H, R=R, G=G, COUPLED=coupled,
-            USE_NEXT=use_next, **kw, **cell_kw,
-        )  # fmt: skip
+            dh_step(t)
+        cell(t)
 
 
 def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs):
