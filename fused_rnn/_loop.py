@@ -81,6 +81,22 @@ def _peepholes(w_ch: Tensor | None, coupled: bool, acc):
     return w.chunk(3)
 
 
+# Speed of the loops: on a CPU every torch op costs microseconds of dispatch, so the per-step
+# work is a handful of ops on views prepared once per call (`unbind`: one view per step and
+# gate block), with results written in place through `out=`; no indexing inside the loops.
+
+
+def _steps_of(x: Tensor) -> tuple[Tensor, ...]:
+    return x.unbind(0)
+
+
+def _blocks(x: Tensor, G: int) -> list[tuple[Tensor, ...]]:
+    """Per gate block k, the per-step views x[t, :, k*H:(k+1)*H] of a (T, B, G*H) buffer."""
+    T, B, GH = x.shape
+    v = x.view(T, B, G, GH // G)
+    return [v[:, :, k].unbind(0) for k in range(G)]
+
+
 # =========================================================================== LSTM
 
 
@@ -94,8 +110,7 @@ def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store):
     G = 3 if coupled else 4
     H, R = GH // G, w_hh.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
-    GF = 0 if coupled else 1  # gate blocks: (i,) f, g, o
-    f_, g_, o_ = (slice(k * H, (k + 1) * H) for k in (GF, GF + 1, GF + 2))
+    same = dt == acc
 
     hs = gx.new_empty((T + 1, B, R))
     cs = gx.new_empty((T + 1, B, H), dtype=acc)
@@ -104,39 +119,60 @@ def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store):
     cs[s0] = c0
     gates = gx.new_empty((T, B, GH), dtype=acc)  # the activations, kept for backward if `store`
     ms = gx.new_empty((T, B, H)) if w_hr is not None else None
-    gx_acc, w_t = gx.to(acc), w_hh.to(acc).t()
+    w_t = w_hh.to(acc).t()
     w_rt = None if w_hr is None else w_hr.to(acc).t()
     p_i, p_f, p_o = _peepholes(w_ch, coupled, acc)
     live = _live(lengths, T, gx.device)
 
-    h, c = hs[s0].to(acc), cs[s0]
+    # per-step views, made once
+    xs, acts = _steps_of(gx.to(acc)), _steps_of(gates)
+    h_slots, c_slots = _steps_of(hs), _steps_of(cs)
+    *i_s, f_s, g_s, o_s = _blocks(gates, G)
+    a = gx.new_empty((B, GH), dtype=acc)  # pre-activations of the current step
+    *a_i, a_f, a_g, a_o = a.view(B, G, H).unbind(1)
+    lives = None if live is None else _steps_of(live)
+    m_slots = None if ms is None else _steps_of(ms)
+    c_new, tc, m = (gx.new_empty((B, H), dtype=acc) for _ in range(3))
+    h_proj = None if w_rt is None else gx.new_empty((B, R), dtype=acc)
+    direct = same and live is None and w_rt is None  # h' = o tanh(c') straight into its slot
+
+    h, c = hs[s0].to(acc), c_slots[s0]
     for t in _steps(T, reverse):
         s_in, s_out = (t + 1, t) if reverse else (t, t + 1)
-        a = torch.addmm(gx_acc[t], h, w_t)  # (B, G*H) pre-activations
+        torch.addmm(xs[t], h, w_t, out=a)
         if p_f is not None:
             if not coupled:
-                a[:, :H].addcmul_(p_i, c)
-            a[:, f_].addcmul_(p_f, c)
-        act = gates[t]
-        torch.sigmoid(a, out=act)
-        torch.tanh(a[:, g_], out=act[:, g_])
-        f, g, o = act[:, f_], act[:, g_], act[:, o_]
-        i = 1.0 - f if coupled else act[:, :H]
-        c_new = torch.addcmul(f * c, i, g)
-        if p_o is not None:
-            torch.sigmoid(a[:, o_].addcmul_(p_o, c_new), out=o)
-        m = o * torch.tanh(c_new)
-        if w_rt is not None:
-            ms[t] = m
-            m = ms[t].to(acc) @ w_rt  # h = m W_hr^T on the stored (rounded) m
-        if live is None:
-            c = c_new
-            hs[s_out] = m
+                a_i[0].addcmul_(p_i, c)
+            a_f.addcmul_(p_f, c)
+        torch.sigmoid(a, out=acts[t])
+        f, g, o = f_s[t], g_s[t], o_s[t]
+        torch.tanh(a_g, out=g)
+        if coupled:  # i = 1 - f: c' = f c + (1 - f) g = g + f (c - g)
+            torch.sub(c, g, out=c_new)
+            torch.addcmul(g, f, c_new, out=c_new)
         else:
-            c = torch.where(live[t], c_new, c)
-            hs[s_out] = torch.where(live[t], m.to(dt), hs[s_in])
-        cs[s_out] = c
-        h = hs[s_out].to(acc)
+            torch.mul(f, c, out=c_new)
+            c_new.addcmul_(i_s[0][t], g)
+        if p_o is not None:
+            torch.sigmoid(a_o.addcmul_(p_o, c_new), out=o)
+        torch.tanh(c_new, out=tc)
+        if direct:
+            torch.mul(o, tc, out=h_slots[s_out])
+        else:
+            h_new = torch.mul(o, tc, out=m)
+            if w_rt is not None:
+                m_slots[t].copy_(m)
+                h_new = torch.mm(m_slots[t].to(acc), w_rt, out=h_proj)  # on the stored m
+            if lives is None:
+                h_slots[s_out].copy_(h_new)
+            else:
+                torch.where(lives[t], h_new.to(dt), h_slots[s_in], out=h_slots[s_out])
+        if lives is None:
+            c_slots[s_out].copy_(c_new)
+        else:
+            torch.where(lives[t], c_new, c_slots[s_in], out=c_slots[s_out])
+        c = c_slots[s_out]
+        h = h_slots[s_out] if same else h_slots[s_out].to(acc)
     _, out = _slots(T, reverse)
     y = hs[out].clone() if live is None else hs[out] * live
     return y, hs, cs, gates if store else None, ms
@@ -177,35 +213,47 @@ def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse
     if live is not None:
         k_o, k_c, k_in = k_o * live, k_c * live, k_in * live.unsqueeze(-1)
         f_pass = torch.where(live, f, 1.0)
-        dead = (~live).to(acc)
     p_i, p_f, p_o = _peepholes(w_ch, coupled, acc)
 
     da = hs.new_empty((T, B, GH), dtype=acc)
     dhs = hs.new_empty((T, B, R), dtype=acc) if w_hr is not None else None
     w, w_r = w_hh.to(acc), None if w_hr is None else w_hr.to(acc)
-    dy = dy.to(acc)
-    dh, dc = dhT.to(acc), dcT.to(acc, copy=True)
+
+    # per-step views, made once
+    dys, das = _steps_of(dy.to(acc)), _steps_of(da)
+    da4 = da.view(T, B, G, H)
+    da_o_s, da_in_s = da4[:, :, G - 1].unbind(0), da4[:, :, : G - 1].unbind(0)
+    da_f_s = da4[:, :, G - 3].unbind(0)
+    da_i_s = None if coupled else da4[:, :, 0].unbind(0)
+    k_o_s, k_c_s, k_in_s, f_s = (_steps_of(k) for k in (k_o, k_c, k_in, f_pass))
+    lives = None if live is None else _steps_of(live.to(acc))
+    deads = None if live is None else _steps_of((~live).to(acc))
+    dhs_s = None if dhs is None else _steps_of(dhs)
+    dc = dcT.to(acc, copy=True)  # updated in place
+    dc3 = dc.view(B, 1, H)
+    dh = dhT.to(acc)
+    dtot = dh.new_empty((B, R))
     for t in reversed(_steps(T, reverse)):
-        dtot = dh + dy[t]
-        if live is not None:
-            dtot = dtot * live[t]
+        torch.add(dh, dys[t], out=dtot if dhs is None else dhs_s[t])
+        dm = dtot if dhs is None else dhs_s[t]
+        if lives is not None:
+            dm.mul_(lives[t])
         if w_r is not None:
-            dhs[t] = dtot
-            dm = dtot @ w_r
-        else:
-            dm = dtot
-        da_t = da[t]
-        da_o = torch.mul(dm, k_o[t], out=da_t[:, (G - 1) * H :])
-        dc = torch.addcmul(dc, dm, k_c[t])
+            dm = dm @ w_r
+        da_o = torch.mul(dm, k_o_s[t], out=da_o_s[t])
+        dc.addcmul_(dm, k_c_s[t])
         if p_o is not None:
             dc.addcmul_(p_o, da_o)
-        da_in = torch.mul(dc.unsqueeze(1), k_in[t], out=da_t[:, : (G - 1) * H].view(B, G - 1, H))
-        dc = dc * f_pass[t]
+        torch.mul(dc3, k_in_s[t], out=da_in_s[t])
+        dc.mul_(f_s[t])
         if p_f is not None:
-            dc.addcmul_(p_f, da_in[:, 0 if coupled else 1])
+            dc.addcmul_(p_f, da_f_s[t])
             if not coupled:
-                dc.addcmul_(p_i, da_in[:, 0])
-        dh = torch.mm(da_t, w) if live is None else torch.addmm(dh * dead[t], da_t, w)
+                dc.addcmul_(p_i, da_i_s[t])
+        if deads is None:
+            dh = torch.mm(das[t], w)
+        else:
+            dh = torch.addmm(dh * deads[t], das[t], w)
 
     dgx = da.to(dt)
     dw_hh = dw_hr = dw_ch = None
@@ -214,10 +262,9 @@ def lstm_bwd(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse
     if need_whr:
         dw_hr = (dhs.reshape(T * B, R).t() @ ms.reshape(T * B, H).to(acc)).to(dt)
     if need_wch:
-        blocks = da.view(T, B, G, H)
-        parts = [] if coupled else [(blocks[:, :, 0] * c_prev).sum((0, 1))]
-        parts += [(blocks[:, :, G - 3] * c_prev).sum((0, 1))]
-        parts += [(blocks[:, :, G - 1] * c_new).sum((0, 1))]
+        parts = [] if coupled else [(da4[:, :, 0] * c_prev).sum((0, 1))]
+        parts += [(da4[:, :, G - 3] * c_prev).sum((0, 1))]
+        parts += [(da4[:, :, G - 1] * c_new).sum((0, 1))]
         dw_ch = torch.cat(parts).to(dt)
     return (
         dgx if need_gx else None,
@@ -239,38 +286,58 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store):
     T, B, GH = gx.shape
     H = h0.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
+    same = dt == acc
     hs = gx.new_empty((T + 1, B, H))
     s0 = T if reverse else 0
     hs[s0] = h0
     gru = cell == CELL_GRU
     ws = gx.new_empty((T, B, 4 * H), dtype=acc) if gru else None
-    gx_acc, w_t = gx.to(acc), w_hh.to(acc).t()
+    w_t = w_hh.to(acc).t()
     bias = None
     if gru and b_hn is not None:
         bias = torch.cat([b_hn.new_zeros(2 * H), b_hn]).to(acc)  # only the n block's b_hn
-    act = torch.tanh if cell == CELL_RNN_TANH else torch.relu
+    tanh = cell == CELL_RNN_TANH  # else relu, as clamp_min(x, 0) (torch.relu has no out=)
     live = _live(lengths, T, gx.device)
+
+    # per-step views, made once
+    xs, h_slots = _steps_of(gx.to(acc)), _steps_of(hs)
+    lives = None if live is None else _steps_of(live)
+    a = gx.new_empty((B, GH), dtype=acc)
+    h_new = a if not gru else gx.new_empty((B, H), dtype=acc)
+    direct = same and live is None  # h' written straight into its slot
+    if gru:
+        x_rz = [x[:, : 2 * H] for x in xs]
+        x_n = [x[:, 2 * H :] for x in xs]
+        w4 = ws.view(T, B, 4, H)
+        rz_s = ws[:, :, : 2 * H].unbind(0)
+        r_s, z_s, n_s, hn_s = (w4[:, :, k].unbind(0) for k in range(4))
+        a_rz, a_n = a[:, : 2 * H], a[:, 2 * H :]
 
     h = hs[s0].to(acc)
     for t in _steps(T, reverse):
         s_in, s_out = (t + 1, t) if reverse else (t, t + 1)
         if gru:
-            a = torch.mm(h, w_t) if bias is None else torch.addmm(bias, h, w_t)
-            w4 = ws[t]
-            rz = torch.sigmoid(gx_acc[t, :, : 2 * H] + a[:, : 2 * H], out=w4[:, : 2 * H])
-            hn = w4[:, 3 * H :]
-            hn.copy_(a[:, 2 * H :])
-            n = torch.tanh(
-                torch.addcmul(gx_acc[t, :, 2 * H :], rz[:, :H], hn), out=w4[:, 2 * H : 3 * H]
-            )
-            h_new = torch.lerp(n, h, rz[:, H:])
+            if bias is None:
+                torch.mm(h, w_t, out=a)
+            else:
+                torch.addmm(bias, h, w_t, out=a)
+            torch.sigmoid(torch.add(x_rz[t], a_rz, out=rz_s[t]), out=rz_s[t])
+            hn_s[t].copy_(a_n)
+            n = torch.tanh(torch.addcmul(x_n[t], r_s[t], a_n, out=n_s[t]), out=n_s[t])
+            torch.lerp(n, h, z_s[t], out=h_slots[s_out] if direct else h_new)
         else:
-            h_new = act(torch.addmm(gx_acc[t], h, w_t))
-        if live is None:
-            hs[s_out] = h_new
-        else:
-            hs[s_out] = torch.where(live[t], h_new.to(dt), hs[s_in])
-        h = hs[s_out].to(acc)
+            pre = torch.addmm(xs[t], h, w_t, out=a)
+            dst = h_slots[s_out] if direct else h_new
+            if tanh:
+                torch.tanh(pre, out=dst)
+            else:
+                torch.clamp_min(pre, 0.0, out=dst)
+        if not direct:
+            if lives is None:
+                h_slots[s_out].copy_(h_new)
+            else:
+                torch.where(lives[t], h_new.to(dt), h_slots[s_in], out=h_slots[s_out])
+        h = h_slots[s_out] if same else h_slots[s_out].to(acc)
     _, out = _slots(T, reverse)
     y = hs[out].clone() if live is None else hs[out] * live
     return y, hs, ws if store else None
@@ -297,43 +364,42 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs):
         k_n = (1.0 - z) * (1.0 - n * n)
         k_hn = k_n * r
         coef = torch.stack([k_hn * hn * (1.0 - r), (h_prev - n) * z * (1.0 - z), k_hn], dim=2)
-        carry = z
     else:
         h_new = hs[outs].to(acc)
         k = 1.0 - h_new * h_new if cell == CELL_RNN_TANH else (h_new > 0).to(acc)
         coef = k.unsqueeze(2)
-        carry = None
     if live is not None:
         coef = coef * live.unsqueeze(-1)
-        dead = (~live).to(acc)
-        if gru:
-            carry = carry * live
 
     dgh = hs.new_empty((T, B, G * H), dtype=acc)  # the gradient of h W_hh^T (+ b_hn)
-    dtots = hs.new_empty((T, B, H), dtype=acc) if gru else None
+    dtots = hs.new_empty((T, B, H), dtype=acc)
     w = w_hh.to(acc)
-    dy = dy.to(acc)
+
+    # per-step views, made once
+    dys, dgh_s, dgh3_s = _steps_of(dy.to(acc)), _steps_of(dgh), dgh.view(T, B, G, H).unbind(0)
+    dtot_s, dtot3_s = _steps_of(dtots), dtots.view(T, B, 1, H).unbind(0)
+    coef_s = _steps_of(coef)
+    z_s = _steps_of(z) if gru else None
+    lives = None if live is None else _steps_of(live.to(acc))
+    deads = None if live is None else _steps_of((~live).to(acc))
     dh = dhT.to(acc)
     for t in reversed(_steps(T, reverse)):
-        dtot = dh + dy[t]
-        if live is not None:
-            dtot = dtot * live[t]
-        g_t = torch.mul(dtot.unsqueeze(1), coef[t], out=dgh[t].view(B, G, H))
+        dtot = torch.add(dh, dys[t], out=dtot_s[t])
+        if lives is not None:
+            dtot.mul_(lives[t])
+        torch.mul(dtot3_s[t], coef_s[t], out=dgh3_s[t])
         base = None
         if gru:
-            dtots[t] = dtot
-            base = dtot * carry[t]
-        if live is not None:
-            base = dh * dead[t] if base is None else base.addcmul_(dh, dead[t])
-        g_t = g_t.view(B, G * H)
-        dh = torch.mm(g_t, w) if base is None else torch.addmm(base, g_t, w)
+            base = dtot * z_s[t]
+        if deads is not None:
+            base = dh * deads[t] if base is None else base.addcmul_(dh, deads[t])
+        dh = torch.mm(dgh_s[t], w) if base is None else torch.addmm(base, dgh_s[t], w)
 
     dgx = dw_hh = db_hn = None
     if need_gx:
         dgx = dgh.to(dt, copy=True)
-        if gru:  # the n block of dgx is dn_pre, not dhn
-            k_n_live = k_n if live is None else k_n * live
-            dgx[..., 2 * H :] = dtots * k_n_live
+        if gru:  # the n block of dgx is dn_pre, not dhn (dtots is zero at dead steps)
+            dgx[..., 2 * H :] = dtots * k_n
     if need_whh:
         dw_hh = (dgh.reshape(T * B, G * H).t() @ h_prev.reshape(T * B, H)).to(dt)
     if need_bhn:

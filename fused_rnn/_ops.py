@@ -138,8 +138,9 @@ def normalize(*tensors: Tensor | None, dtype: torch.dtype | None = None, op: str
 
 
 def _prepare(op: str, lengths: Tensor | None, gx: Tensor, *tensors, dtype=None):
-    """Contiguous tensors of one dtype and device (`normalize`), int64 lengths."""
-    out = normalize(gx, *tensors, dtype=dtype, op=op)
+    """Contiguous tensors of one dtype and device (`normalize`), int64 lengths; `op` ("LSTM",
+    "GRU" or "RNN") names the layer in errors."""
+    out = normalize(gx, *tensors, dtype=dtype, op=f"fused_rnn {op}")
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64).contiguous()
     return (*out, lengths)

@@ -293,6 +293,8 @@ def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, b
         if data.dim() != 3:
             raise ValueError(f"{mode}: expected a 3-D input or a PackedSequence, got {data.dim()}D")
         batch = data.shape[0 if batch_first else 1]
+    _check_devices(data, cw, "Input and parameter tensors are not at the same device, found "
+                   "input tensor at {} and parameter tensor at {}")  # fmt: skip
     H = cw[0].w_hh.shape[0] // gate_count(mode, coupled)
     R = proj_size if proj_size > 0 else H
     if hx is None:
@@ -359,7 +361,17 @@ def rnn(input, hx, weights, *, nonlinearity="tanh", bias=True, num_layers=1, dro
 # cells: one step, (B, I) input, (B, H) state
 
 
+def _check_devices(input: Tensor, weights: Sequence[CellWeights], msg: str) -> None:
+    """torch.nn's device check of the weights against the input (its message, `msg`, formatted
+    with the input's device and the first other device), on every path alike."""
+    for w in weights:
+        for p in w:
+            if p is not None and p.device != input.device:
+                raise RuntimeError(msg.format(input.device, p.device))
+
+
 def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
+    _check_devices(input, [w], "Tensor on device {1} is not on the expected device {0}!")
     which = dispatch.resolve(
         backend, mode, input.device, dtype=_autocast_dtype(input.device, mode, True) or input.dtype,
         steps=1, batch=input.shape[0], input_size=input.shape[-1], hidden=h.shape[-1],

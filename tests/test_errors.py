@@ -513,3 +513,43 @@ def test_functional_weight_layout_names_the_options():
     swapped = [[*ws[:4], ws[5], ws[4]] for ws in w]  # w_ch before w_hr
     with pytest.raises(ValueError, match=r"weights\[0\]\[4\] \(w_hr\) must be 2-D, got shape"):
         fused_rnn.functional.lstm(x, None, swapped, proj_size=2, peephole=True)
+
+
+# ----------------------------------------------------------------------------- devices and names
+
+BACKENDS_HERE = [
+    "torch",
+    *(b for b in ("stepwise", "persistent") if b in dispatch.available_backends()),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_parameters_on_another_device_raise_like_torch(cls, backend):
+    """Weights on another device than the input (here "meta", a device every machine has): the
+    class and message torch.nn gives, on every backend and for the LSTM variants too."""
+    cell = cls.endswith("Cell")
+    x = torch.randn(2, I) if cell else torch.randn(4, 2, I)
+    raise_alike(lambda lib: getattr(lib, cls)(I, H).to("meta")(x), RuntimeError, exact=True)
+    if cls.startswith("LSTM"):  # the variants (no torch.nn op) say what torch.nn.LSTM would
+        ours = getattr(fused_rnn, cls)(I, H, peephole=True, backend=backend).to("meta")
+        with pytest.raises(RuntimeError) as info:
+            ours(x)
+        with pytest.raises(RuntimeError) as ref_info:
+            getattr(nn, cls)(I, H).to("meta")(x)
+        assert str(info.value) == str(ref_info.value)
+
+
+def test_operator_errors_name_the_layer():
+    """A dtype mix reaching the operators names the layer that was called (the RNN runs on the
+    GRU's operators)."""
+    from fused_rnn.recurrence import gru_recurrence, lstm_recurrence, rnn_recurrence
+
+    gx, h0, w_hh = torch.randn(3, 2, 4), torch.randn(2, 4).double(), torch.randn(4, 4)
+    for fn, args, name in [
+        (rnn_recurrence, (gx, h0, w_hh), "RNN"),
+        (gru_recurrence, (torch.randn(3, 2, 12), h0, torch.randn(12, 4)), "GRU"),
+        (lstm_recurrence, (torch.randn(3, 2, 16), h0, h0.float(), torch.randn(16, 4)), "LSTM"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^fused_rnn {name}: expected all tensors"):
+            fn(*args, backend="torch")
