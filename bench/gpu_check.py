@@ -1,23 +1,58 @@
-"""One-call device check: correctness of every fused path, then timing against cuDNN.
+"""One-call device check: correctness of every GPU path, the step floors, timing against cuDNN.
 
 Run on a machine with a GPU, after ``python3 -m pip install -q --no-deps --no-build-isolation .``,
 with ``-P`` (or from another folder): in the checkout's root ``./fused_rnn`` would hide the
 installed package, which alone holds ``fused_rnn.kernels`` and ``fused_rnn.bench``:
 
-    python3 -P -m fused_rnn.bench.gpu_check            # full: under 8 minutes on an H100
-    python3 -P -m fused_rnn.bench.gpu_check --quick    # under ~3 minutes
-    python -m fused_rnn.bench.gpu_check --device cpu --tiny --no-bench   # CPU, interpreter
+    python3 -P -m fused_rnn.bench.gpu_check              # full: a 450 s budget (bench/NOTES.md)
+    python3 -P -m fused_rnn.bench.gpu_check --quick      # 200 s
+    python3 -P -m fused_rnn.bench.gpu_check --plan       # the plan and its estimate; runs nothing
+    python -m fused_rnn.bench.gpu_check --device cpu --tiny   # the CPU rehearsal (interpreter)
 
-Files go to ``--out DIR`` (default ``$OUT``, else ``gpu_check_out/<UTC stamp>``): ``env.json``,
-``correctness.json`` (rewritten as rows arrive, so a run cut short keeps what finished),
-``bench.json`` / ``bench.csv`` (fused_rnn.bench.report's formats) and ``gpu_check.log`` (all
-output). A short summary table is printed last. Exit status 1 when any correctness check or
-extra check failed, did not finish, or a bench row errored or disagreed with torch.nn; 0 otherwise;
-2 for bad arguments.
+Stages, in the order they run (what matters most first):
 
-Correctness. Each check builds one module (a cell kind at a size), draws fresh random weights,
-inputs, initial states and output cotangents (seeded from a per-run seed, recorded), rounds them
-to the check's dtype and runs three things on exactly those values:
+1. environment: GPU, driver, CUDA, cuDNN, torch, triton, commit, date -> env.json.
+2. correctness of every path, cheapest first, in parallel workers (Triton compiles dominate and
+   run on the CPUs), while other workers compile the bench's kernels ahead:
+   - kernels: every cell kind, dtype (fp32 with TF32 off and on, fp16, bf16) and configuration
+     against a float64 reference, next to torch.nn's own error (below). Stepwise checks of
+     sequences long enough for the CUDA-graph cache (fused_rnn._ops.GRAPH_MIN_STEPS) run once
+     with graphs off and three times with graphs on (eager, capture, replay: the cache captures
+     a key on its second call), and `_graphs.cache_info()` must show a capture and a replay on
+     CUDA; every stepwise loop must take the lean launch path on CUDA (kernels._launch.STATS).
+     Persistent checks run ``--repeats`` times on the same inputs (bitwise: else a "race") and
+     are compared with the stepwise result; whether the launcher ran the persistent kernels or
+     fell back to the stepwise ones is recorded.
+   - paths: backend="auto" against the shipped policy, a written policy and torch's flags
+     (explain); autotuning end to end (cache file written, then hit); Hessian-vector products
+     through each fused backend against float64; torch.compile (one graph, one operator node per
+     layer, compiled = eager) and torch.compile(mode="reduce-overhead") (inductor's CUDA graphs
+     around ours); convert() of an nn.LSTM model and revert() back to cuDNN.
+3. micro-benchmarks, alone on the device (fused_rnn.bench.barrier_bench): the grid barrier per
+   crossing at 1, 8, 32, 66 and 132 programs; the launch floor eager, lean and from a graph.
+4. bench, alone in one worker: every suite x fp16, bf16, tf32, fp32 x fwd, fwdbwd, stepwise
+   (CUDA graphs on) and persistent against torch.nn (cuDNN), the flashrnn size in fp16 / bf16
+   first (BENCH_PLAN); medians with quartiles (fused_rnn.bench.runner). policy.json is then
+   built from it (fused_rnn.bench.build_policy).
+5. extras: one DistributedDataParallel step, output dtypes under torch.autocast.
+
+Budget (``--budget-s``; default 450 s, --quick 200, --tiny 600): each phase starts no new task
+past its share of it (PHASE_END) and kills what still runs PHASE_GRACE_S later (the last phase:
+at the budget's end); what did not run is reported "skipped", and the files and the table are
+written all the same. ``--plan`` prints the stages' item counts and estimated seconds (EST: a
+model of the GPU machine, not a measurement) against the budget.
+
+Files go to ``--out DIR`` (default ``$OUT``, else ``gpu_check_out/<UTC stamp>``), at most 8
+(FILES), flat: env.json, correctness.json (the kernel rows, "paths", "extras"), micro.json,
+bench.json / bench.csv (fused_rnn.bench.report's formats, what build_policy reads),
+policy.json (CUDA runs), summary.txt (the table printed last) and gpu_check.log (all output).
+Rows are written as they arrive (at most every 2 s, and at every phase's end), so a run cut
+short keeps what finished. Exit status 0 when everything ran and passed; 1 when anything failed
+("RESULT: FAIL") or did not run ("RESULT: INCOMPLETE"); 2 for bad arguments.
+
+Correctness of the kernels. Each check builds one module (a cell kind at a size), draws fresh
+random weights, inputs, initial states and output cotangents (seeded from a per-run seed,
+recorded), rounds them to the check's dtype and runs three things on exactly those values:
 
 - the float64 reference: the fused_rnn module on the CPU in float64 with backend="torch";
 - the baseline: torch.nn's module (cuDNN on CUDA) in the check's dtype; for the LSTM variants
@@ -26,24 +61,24 @@ to the check's dtype and runs three things on exactly those values:
   (FUSED_RNN_POISON=1) so an element no kernel wrote fails the check.
 
 Compared are the output, the final states and the gradients of the input, h0, c0 and every
-parameter, each by ``||a - ref|| / ||ref||``; a check passes when its largest error is within
-the dtype's tolerance (TOLERANCES, with the reasons); NaN never passes. The baseline's error
-against the same reference is recorded beside it. Persistent checks run ``--repeats`` times on
-the same inputs; any bitwise difference between repeats is a "race".
+parameter, each by ``||a - ref|| / ||ref||`` (every call of the check: its worst); a check passes
+when its largest error is within the dtype's tolerance (TOLERANCES, with the reasons); NaN never
+passes. The baseline's error against the same reference is recorded beside it.
 
 Every check runs in a worker process that the parent watches: a check that makes no progress for
 ``--hang-timeout`` seconds is reported as "hang", the worker is killed and a fresh one goes on with
 the rest (a dead worker, e.g. after an illegal memory access, is a "crash"). After ``--max-hangs``
-hangs of one backend, that backend's remaining checks are reported "skipped". Correctness runs in
-``--jobs`` workers at once (Triton compiles dominate and they run on the CPU), while other workers
-compile the kernels the benchmark will need; timing then runs alone, in one worker, with nothing
-else on the device.
+hangs of one backend, that backend's remaining checks are reported "skipped".
 
-Statuses: pass, fail (error above tolerance, NaN, missing gradient), race, error (an exception),
-hang, crash, unavailable (fused_rnn.dispatch says the backend cannot run here: not a failure),
-skipped (not run: time budget or a backend that hung). Extra checks: torch.compile(fullgraph=True)
-of a small fused model against eager, one single-process DistributedDataParallel step, and the
-output dtype of every class under torch.autocast (bf16, fp16) against torch.nn.
+Statuses: pass, fail (error above tolerance, NaN, missing gradient, a graph or launch path not
+taken), race, error (an exception), hang, crash, unavailable (cannot run here, e.g. a CUDA-only
+check on the CPU: not a failure), skipped (not run: the budget, or a backend that hung).
+
+Hooks for work in flight: a cell option (zoneout, recurrent dropout, LayerNorm) is a KINDS entry
+(class name, constructor extras) plus its sizes in `correctness_plan`; a new fused backend
+(persistent v2, concurrent directions) is a FUSED_BACKENDS entry, checked wherever the others
+are once fused_rnn.dispatch knows it; a new path check is a `_CHECKS` function and a
+PATH_CHECKS entry, with its estimate in EST.
 """
 
 from __future__ import annotations
@@ -58,6 +93,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -70,6 +106,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 import zlib
 from pathlib import Path
 
@@ -131,8 +168,9 @@ def _is_cell(kind: str) -> bool:
 
 
 def _is_variant(kind: str) -> bool:
-    extra = KINDS[kind][1]
-    return bool(extra.get("peephole") or extra.get("coupled_gates"))
+    """A kind torch.nn cannot build (an option beyond proj_size and nonlinearity: peephole,
+    coupled gates, and any option added later): its baseline is fused_rnn's backend="torch"."""
+    return any(k not in ("proj_size", "nonlinearity") and v for k, v in KINDS[kind][1].items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +200,20 @@ class Size:
         return s + ("" if self.mode == "fwdbwd" else f" {self.mode}")
 
 
+def _graph_min_steps() -> int:
+    """The shortest stepwise loop that the operators send through the CUDA-graph cache."""
+    from fused_rnn import _ops
+
+    return _ops.GRAPH_MIN_STEPS
+
+
 def _sizes(level: str) -> dict[str, Size]:
     if level == "tiny":
         base = Size("base", 4, 3, 8, 16)
         odd = Size("H17", 3, 3, 5, 17)
         extra = {}
+        # forward only: off CUDA the cache runs eagerly, the check's logic is the same
+        graphs = Size("graphs", _graph_min_steps(), 2, 8, 16, mode="fwd")
     else:
         base = Size("base", 8, 4, 16, 32)
         odd = Size("H33", 6, 3, 20, 33)
@@ -174,6 +221,7 @@ def _sizes(level: str) -> dict[str, Size]:
             "medium": Size("medium", 64, 16, 256, 256),
             "flashrnn": Size("flashrnn", 1024, 16, 768, 768, mode="fwd", weight=3.0),
         }
+        graphs = Size("graphs", _graph_min_steps(), 4, 16, 32)
     r = dataclasses.replace
     return {
         "base": base,
@@ -184,6 +232,8 @@ def _sizes(level: str) -> dict[str, Size]:
         "packed": r(base, name="packed", packed=True, bidirectional=True),
         "B1": r(base, name="B1", B=1),
         "T1": r(base, name="T1", T=1),
+        # the shortest loop that runs as a CUDA graph: capture and replay at the boundary
+        "graphs": graphs,
         odd.name: odd,
         **extra,
     }
@@ -192,11 +242,19 @@ def _sizes(level: str) -> dict[str, Size]:
 _CELL_SIZES = ("base", "B1", "nobias", "H33", "H17", "medium")
 
 
+def _cost(entry: tuple[str, Size, str]) -> float:
+    """A relative cost of a correctness task, to run the fast ones first: the steps times the
+    per-step work (H^2, at least a 16 x 16 tile), the layers and directions, x2 with a backward."""
+    _, s, _ = entry
+    steps = s.T * s.layers * (2 if s.bidirectional else 1)
+    return steps * max(s.H, 16) ** 2 * (2 if s.mode == "fwdbwd" else 1)
+
+
 def correctness_plan(level: str) -> list[tuple[str, Size, str]]:
-    """[(kind, size, dtype)] for ``level`` (tiny, quick, full)."""
+    """[(kind, size, dtype)] for ``level`` (tiny, quick, full), cheapest first."""
     S = _sizes(level)
     odd = "H17" if level == "tiny" else "H33"
-    configs = ["layers2", "bidir", "batch_first", "nobias", "packed", "B1", "T1", odd]
+    configs = ["layers2", "bidir", "batch_first", "nobias", "packed", "B1", "T1", odd, "graphs"]
     plan: list[tuple[str, Size, str]] = []
 
     def add(kinds, size_names, dtypes):
@@ -209,48 +267,73 @@ def correctness_plan(level: str) -> list[tuple[str, Size, str]]:
                     if entry not in plan:
                         plan.append(entry)
 
-    if level == "tiny":  # a smoke test of the script on the CPU interpreter: ~30 s on 2 cores
+    if level == "tiny":  # a rehearsal of the script on the CPU interpreter (its tests)
         add(list(KINDS), ["base"], ["fp32"])
         add(["lstm", "gru"], ["base"], ["bf16"])
-        add(["lstm", "gru", "rnn-tanh"], ["packed", "layers2", odd], ["fp32"])
-        add(["lstm"], ["B1", "T1"], ["fp32"])
-        return plan
-    if level == "quick":
+        add(["lstm", "gru"], ["packed"], ["fp32"])
+        add(["lstm"], ["layers2", "B1", "T1", "graphs"], ["fp32"])
+        add(["gru"], [odd], ["fp32"])
+    elif level == "quick":
         add(list(KINDS), ["base"], ["fp32", "tf32", "fp16", "bf16"])
         add(["lstm", "lstm-proj", "gru", "rnn-tanh"], ["layers2", "packed", "B1", "T1", odd],
             ["fp32", "bf16"])  # fmt: skip
+        add(["lstm", "lstm-proj", "gru", "rnn-tanh"], ["graphs"], ["fp32", "bf16"])
         add(["lstm", "gru", "rnn-tanh"], ["medium"], ["fp32", "bf16"])
         add(["lstm", "gru", "rnn-tanh"], ["flashrnn"], ["bf16"])
-        return plan
-    add(list(KINDS), ["base"], ["fp32", "tf32", "fp16", "bf16"])
-    add(["lstm", "lstm-proj", "lstm-peephole-coupled", "gru", "rnn-tanh", "rnn-relu"], configs,
-        ["fp32", "bf16"])  # fmt: skip
-    add(["lstmcell", "grucell", "rnncell-tanh"], ["B1", "nobias", odd], ["fp32", "bf16"])
-    add(["lstm", "lstm-proj", "lstm-peephole", "lstm-coupled", "gru", "rnn-tanh", "rnn-relu"],
-        ["medium"], ["fp32", "tf32", "fp16", "bf16"])  # fmt: skip
-    add(["lstm", "gru", "rnn-tanh"], ["flashrnn"], ["fp32", "fp16", "bf16"])
-    return plan
+    else:
+        add(list(KINDS), ["base"], ["fp32", "tf32", "fp16", "bf16"])
+        add(["lstm", "lstm-proj", "lstm-peephole-coupled", "gru", "rnn-tanh", "rnn-relu"],
+            configs, ["fp32", "bf16"])  # fmt: skip
+        add(["lstmcell", "grucell", "rnncell-tanh"], ["B1", "nobias", odd], ["fp32", "bf16"])
+        add(["lstm", "lstm-proj", "lstm-peephole", "lstm-coupled", "gru", "rnn-tanh", "rnn-relu"],
+            ["medium"], ["fp32", "tf32", "fp16", "bf16"])  # fmt: skip
+        add(["lstm", "gru", "rnn-tanh"], ["flashrnn"], ["fp32", "fp16", "bf16"])
+    return sorted(plan, key=_cost)  # stable: equal costs keep the order above
 
 
-# bench suites: level -> [(suite, dtypes)]
+# The checks of the paths around the kernels (one task each, in this order: quick ones first;
+# "compile-ro" is torch.compile(mode="reduce-overhead"), CUDA only). Backend "auto": the check
+# is about backend="auto" itself.
+PATH_CHECKS = (
+    ("auto", ("auto",)),
+    ("convert", FUSED_BACKENDS),
+    ("hvp", FUSED_BACKENDS),
+    ("autotune", ("auto",)),
+    ("compile", FUSED_BACKENDS),
+    ("compile-ro", FUSED_BACKENDS),
+)
+# run after the bench: the least important
+EXTRA_CHECKS = ("ddp", "autocast")
+
+# Bench: [(suite, dtypes)] in the order they run, most important first: the flashrnn size in the
+# half-precision dtypes (the headline comparison), fastrnns, then the fp32 flavours of both, then
+# the other suites. Every suite runs fwd and fwdbwd, stepwise (CUDA graphs on, as by default) and
+# persistent, against torch.nn (cuDNN). fp32 = TF32 off, tf32 = TF32 on.
+_ALL_DTYPES = ("bf16", "fp16", "tf32", "fp32")
 BENCH_PLAN = {
     "full": [
-        ("fastrnns", ("bf16", "fp16", "fp32", "tf32")),
-        ("flashrnn", ("bf16", "fp16")),
-        ("deepbench", ("bf16", "fp16")),
-        ("small-batch", ("bf16", "fp16")),
-        ("large", ("bf16", "fp16")),
-        ("stack", ("bf16", "fp16")),
+        ("flashrnn", ("fp16", "bf16")),
+        ("fastrnns", _ALL_DTYPES),
+        ("flashrnn", ("tf32", "fp32")),
+        ("deepbench", _ALL_DTYPES),
+        ("small-batch", _ALL_DTYPES),
+        ("large", _ALL_DTYPES),
+        ("stack", _ALL_DTYPES),
     ],
-    "quick": [("fastrnns", ("bf16",)), ("flashrnn", ("bf16",))],
+    "quick": [("flashrnn", ("fp16", "bf16")), ("fastrnns", ("bf16",))],
 }
-# level -> (warmup, max reps, seconds per side): the CLI's defaults are 10/100/2 s; here ~80
-# configs must fit a few minutes, and >= 10 timed runs still give a median (timing.MIN_REPS)
-BENCH_TIMING = {"full": (5, 30, 0.3), "quick": (5, 30, 0.3), "tiny": (1, 3, 0.1)}
-# level -> minutes for the whole run (--max-minutes); correctness gets PHASE1_SHARE of it when
-# the bench runs too (unfinished checks are reported "skipped")
-BUDGET_MIN = {"full": 7.5, "quick": 2.8, "tiny": 5.0}
-PHASE1_SHARE = 0.65
+# level -> (warmup, max reps, seconds per side): the CLI's defaults are 10/100/2 s; here 144
+# configs must fit a few minutes; >= 10 timed runs still give a median and quartiles
+# (timing.MIN_REPS). The warm-up includes the CUDA-graph capture (second call of a key).
+BENCH_TIMING = {"full": (2, 10, 0.1), "quick": (3, 15, 0.15), "tiny": (1, 3, 0.1)}
+# level -> (steps per barrier launch, repeats, launches per launch-floor round)
+MICRO = {"full": (10000, 5, 2000), "quick": (10000, 5, 2000), "tiny": (20, 2, 20)}
+# level -> seconds for the whole run (--budget-s). Phases end at shares of it (PHASE_END): at its
+# end a phase starts no new task (the rest are "skipped"), and kills what still runs
+# PHASE_GRACE_S later; a phase that ends early leaves its time to the next.
+BUDGET_S = {"full": 450.0, "quick": 200.0, "tiny": 600.0}
+PHASE_END = {"correctness": 0.45, "micro": 0.52, "bench": 0.94, "extras": 1.0}
+PHASE_GRACE_S = 20.0
 # level -> seconds without progress before a check is a hang (--hang-timeout). A small check
 # compiles a handful of kernels (about a second each) and runs in milliseconds; the flashrnn
 # size gets 3x, bench rows 2x, a worker's first task 60 s more (imports, CUDA init)
@@ -372,6 +455,14 @@ def _nvidia_smi() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def _driver_version(smi: str | None) -> str | None:
+    """The driver version from `_nvidia_smi`'s CSV (its second column)."""
+    lines = (smi or "").splitlines()
+    if len(lines) < 2 or "," not in lines[1]:
+        return None
+    return lines[1].split(",")[1].strip() or None
+
+
 def collect_env(device, args, argv) -> dict:
     import torch
 
@@ -386,6 +477,7 @@ def collect_env(device, args, argv) -> dict:
     meta["git_commit_cwd"] = _git_cwd()
     meta["source_sha256_16"] = _source_digest()
     meta["nvidia_smi"] = _nvidia_smi() if device.type == "cuda" else None
+    meta["driver_version"] = _driver_version(meta["nvidia_smi"])
     meta["cpu_count"] = os.cpu_count()
     meta["poison"] = not args.no_poison  # FUSED_RNN_POISON=1 in the correctness workers
     meta["env"] = {
@@ -683,9 +775,80 @@ def _base_row(task: dict, check: dict) -> dict:
         "errors": {},  # tensor -> [fused rel err, baseline rel err]
         "repeats": 0,
         "repeat_max_abs_diff": None,
+        # stepwise: the graph cache over the calls with graphs on ({"calls", "captures",
+        # "hits", "eager", "expected"}) and the largest |graphs on - graphs off| of the results
+        "graphs": None,
+        "graphs_vs_off_max_abs": None,
+        # loops prepared per launch path during the check (fused_rnn.kernels._launch.STATS)
+        "launch": None,
+        # persistent: what ran ("persistent", or the launcher's fallback to the stepwise
+        # kernels, with the reason it logged) and the largest ||persistent - stepwise|| /
+        # ||stepwise|| over the tensors
+        "ran_as": None,
+        "vs_stepwise_max_rel": None,
         "dot_precision": None,
         "seconds": None,
     }
+
+
+class _KernelLog(logging.Handler):
+    """Collects what fused_rnn.kernels logs (DEBUG: a persistent launch that runs the stepwise
+    kernels instead says so, with why)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    @contextlib.contextmanager
+    def attached(self):
+        log = logging.getLogger("fused_rnn.kernels")
+        old = log.level
+        log.setLevel(logging.DEBUG)
+        log.addHandler(self)
+        try:
+            yield self
+        finally:
+            log.removeHandler(self)
+            log.setLevel(old)
+
+
+def _graph_expectation(device, T: int) -> str:
+    """What the graph cache must show for a stepwise check of T steps (3 calls, graphs on)."""
+    if T < _graph_min_steps():
+        return f"eager: T={T} < GRAPH_MIN_STEPS={_graph_min_steps()}"
+    if device.type != "cuda":
+        return "eager: the cache replays on CUDA only"
+    return "capture and replay"
+
+
+def _graph_verdict(expected: str, delta: dict) -> str | None:
+    """None when the cache's counters over a check (`delta`) show what `expected` says."""
+    if expected == "capture and replay":
+        if delta["captures"] < 1 or delta["hits"] < 1:
+            return (f"graphs: expected a capture and a replay over {delta['calls']} calls, got "
+                    f"{delta['captures']} captures and {delta['hits']} replays")  # fmt: skip
+    elif delta["captures"] or delta["hits"]:
+        return (f"graphs: expected none ({expected}), got {delta['captures']} captures and "
+                f"{delta['hits']} replays")  # fmt: skip
+    return None
+
+
+def _launch_verdict(device, used: dict) -> str | None:
+    """None when the stepwise loops of a check took the lean launch path as they must on CUDA
+    (under the interpreter every loop launches plainly, by design)."""
+    if device.type != "cuda":
+        return None
+    plain = {k: v for k, v in used.items() if k.startswith("plain:")}
+    if plain:
+        return f"lean launches not used: {plain}"
+    return None
+
+
+def _counters(info) -> dict:
+    return {"captures": info.captures, "hits": info.hits, "eager": info.eager}
 
 
 def _run_correctness(task: dict, plan: dict, device) -> None:
@@ -737,6 +900,7 @@ def _run_correctness(task: dict, plan: dict, device) -> None:
             raise
     prep_s = time.perf_counter() - t0
 
+    step_result = None  # the stepwise backend's (graphs off) result, for the persistent check
     for check in task["checks"]:
         backend = check["backend"]
         _emit({"ev": "start", "check": check["id"]})
@@ -755,25 +919,35 @@ def _run_correctness(task: dict, plan: dict, device) -> None:
                     row["dot_precision"] = dot_precision(torch.float32)
                 model = ck.build("fused", backend, ck.dtype, device)
                 model.load_state_dict(sd_dt)
-                n = plan["repeats"] if backend == "persistent" else 1
-                runs = []
-                for _ in range(n):
-                    runs.append(ck.run(model, data, lengths, device, ck.dtype))
-                    _sync(device)
-            row["repeats"] = n
-            errs, msg = ck.compare(runs[0], ref)
+                runs, problems = _fused_runs(ck, backend, model, data, lengths, device, plan, row)
+            if backend == "stepwise":
+                step_result = runs[0]
+            errs, msg = {}, ""
+            for r in runs:  # every call against the reference: the worst error per tensor
+                e, m = ck.compare(r, ref)
+                msg = msg or m
+                for k, v in e.items():
+                    old = errs.get(k, 0.0)
+                    errs[k] = float("nan") if (v != v or old != old) else max(old, v)
             row["errors"] = {k: [v, base_errs.get(k)] for k, v in errs.items()}
             row["max_rel_err"], row["worst_tensor"] = _worst(errs)
-            diff = 0.0
-            moved = []
-            for r in runs[1:]:
-                for k, v in runs[0].items():
-                    if not _bits_equal(v, r.get(k)):
-                        moved.append(k)
-                        if v is not None and r.get(k) is not None:
-                            d = (v.double() - r[k].double()).abs().max().item()
-                            diff = max(diff, d) if d == d else float("nan")
-            row["repeat_max_abs_diff"] = diff if n > 1 else None
+            diff, moved = 0.0, []
+            if backend == "persistent":  # the repeats on the same inputs: bit for bit
+                for r in runs[1:]:
+                    for k, v in runs[0].items():
+                        if not _bits_equal(v, r.get(k)):
+                            moved.append(k)
+                            if v is not None and r.get(k) is not None:
+                                d = (v.double() - r[k].double()).abs().max().item()
+                                diff = max(diff, d) if d == d else float("nan")
+                row["repeat_max_abs_diff"] = diff if len(runs) > 1 else None
+                if step_result is not None:
+                    vs = max((_rel_err(v, step_result[k].double().cpu()) for k, v in
+                              runs[0].items() if v is not None and step_result.get(k) is not None),
+                             default=None)  # fmt: skip
+                    row["vs_stepwise_max_rel"] = vs
+                    if vs is not None and not vs <= 2 * row["tol"]:
+                        problems.append(f"persistent vs stepwise {_fmt_err(vs)} > 2 tol")
             err, base_err = row["max_rel_err"], row["baseline_max_rel_err"]
             if err is not None and base_err:
                 row["vs_baseline"] = err / base_err
@@ -786,6 +960,9 @@ def _run_correctness(task: dict, plan: dict, device) -> None:
             if msg:
                 row["status"] = "fail"
                 row["message"] += msg + "; "
+            if problems:
+                row["status"] = "fail"
+                row["message"] += "; ".join(problems) + "; "
             if moved:  # a result that moves between runs on the same inputs: a race
                 row["status"] = "race"
                 row["message"] += (
@@ -806,67 +983,626 @@ def _run_correctness(task: dict, plan: dict, device) -> None:
             raise fatal
 
 
-def _run_extra(task: dict, plan: dict, device) -> None:
-    """torch.compile(fullgraph=True) or one single-process DDP step, against eager."""
+def _fused_runs(ck: _Check, backend: str, model, data, lengths, device, plan, row):
+    """Runs a fused model as its backend's check asks; returns (results, problems).
+
+    stepwise: with CUDA graphs off once, then on for 3 calls (the cache's default captures a key
+    on its second call: eager, capture, replay), where the sequence is long enough for the
+    graph cache (GRAPH_MIN_STEPS); the cache's counters over the 3 calls must show a capture and
+    a replay on CUDA, none elsewhere. Shorter sequences: one call. persistent: `repeats` calls
+    on the same inputs (compared bit for bit by the caller), noting whether the launcher ran the
+    persistent kernels or fell back to the stepwise ones. Both: the launch path of every
+    stepwise loop (lean on CUDA). Results: every call's, the graphs-off one first."""
+    from fused_rnn import _graphs
+    from fused_rnn.kernels import _launch
+
+    def call():
+        out = ck.run(model, data, lengths, device, ck.dtype)
+        _sync(device)
+        return out
+
+    problems: list[str] = []
+    before = _launch.STATS.copy()
+    if backend == "stepwise":
+        T = 1 if ck.cell else ck.size.T
+        expected = _graph_expectation(device, T)
+        n = 3 if T >= _graph_min_steps() else 1
+        _graphs.clear_graph_cache()
+        try:
+            runs = []
+            if n > 1:
+                _graphs.set_enabled(False)
+                runs.append(call())
+            _graphs.set_enabled(True)
+            info0 = _counters(_graphs.cache_info())
+            for _ in range(n):
+                runs.append(call())
+            info1 = _counters(_graphs.cache_info())
+        finally:
+            _graphs.set_enabled(None)
+            _graphs.clear_graph_cache()
+        delta = {k: info1[k] - info0[k] for k in info0}
+        row["graphs"] = {"calls": n, **delta, "expected": expected}
+        why = _graph_verdict(expected, {"calls": n, **delta})
+        if why:
+            problems.append(why)
+        if n > 1:
+            diffs = [(a.double() - runs[-1][k].double()).abs().max().item()
+                     for k, a in runs[0].items()
+                     if a is not None and runs[-1].get(k) is not None and a.numel()]  # fmt: skip
+            row["graphs_vs_off_max_abs"] = max(diffs, default=0.0)
+        row["repeats"] = len(runs)
+    else:
+        with _KernelLog().attached() as klog:
+            runs = [call() for _ in range(plan["repeats"])]
+        fallback = [m for m in klog.messages if "stepwise instead" in m]
+        row["ran_as"] = "persistent"
+        if fallback:
+            row["ran_as"] = f"stepwise kernels ({_short(fallback[0], 200)})"
+        row["repeats"] = len(runs)
+    used = {k: v for k, v in (_launch.STATS - before).items() if v}
+    row["launch"] = used
+    if used.get("lean", 0) + used.get("plain", 0):
+        why = _launch_verdict(device, used)
+        if why:
+            problems.append(why)
+    return runs, problems
+
+
+# ---------------------------------------------------------------------------- path checks
+#
+# Each check of a path around the kernels gets a `_Ctx` and returns its largest relative error
+# (or None); what is wrong besides goes into ctx.problems (the check then fails), facts into
+# ctx.details. Sizes: ctx.tiny for the CPU interpreter, else sequences of at least
+# GRAPH_MIN_STEPS steps, so that the stepwise loops run through the CUDA-graph cache on a GPU.
+
+
+@dataclasses.dataclass
+class _Ctx:
+    device: object
+    backend: str
+    seed: int
+    tiny: bool
+    row: dict
+    problems: list = dataclasses.field(default_factory=list)
+    details: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def steps(self, tiny_T: int) -> int:
+        return tiny_T if self.tiny else _graph_min_steps() + 4
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.problems.append(what)
+
+
+def _make_net(backend: str, I: int = 16, H: int = 32):  # noqa: E741
+    """A two-layer fused LSTM and a linear head whose forward returns a scalar loss (the output,
+    the final h and c all reach it)."""
     import torch
 
     import fused_rnn
 
-    from .runner import precision
-
-    check = task["checks"][0]
-    _emit({"ev": "start", "check": check["id"]})
-    what, backend = task["what"], check["backend"]
-    row = {"id": check["id"], "check": what, "backend": backend, "status": None, "message": "",
-           "max_rel_err": None, "tol": TOLERANCES["fp32"][0], "seconds": None}  # fmt: skip
-    t0 = time.perf_counter()
-    torch.manual_seed(task["seed"])
-
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = fused_rnn.LSTM(16, 32, num_layers=2, batch_first=True, backend=backend)
-            self.head = torch.nn.Linear(32, 8)
+            self.rnn = fused_rnn.LSTM(I, H, num_layers=2, batch_first=True, backend=backend)
+            self.head = torch.nn.Linear(H, 8)
 
         def forward(self, x):
             y, (h, c) = self.rnn(x)
             return self.head(y).sum() + (h * h).sum() + c.mean()
 
-    def grads(model, x):
-        loss = model(x)
-        gs = torch.autograd.grad(loss, [x, *model.parameters()])
-        return [loss.detach(), *gs]
+    return Net()
 
-    def max_err(a, b):
-        return max(_rel_err(u, v.detach().to("cpu", torch.float64)) for u, v in zip(a, b))
 
-    with precision("fp32"):
-        net = Net().to(device)
-        x = torch.randn(4, 8, 16, device=device, requires_grad=True)
-        try:
-            eager = grads(net, x)
-            if what == "autocast":
-                err = _autocast_check(backend, device, row)
-            elif what == "compile":
-                import torch._dynamo
+def _loss_grads(model, x) -> list:
+    """[loss, d loss / d x, d loss / d every parameter], detached clones."""
+    import torch
 
-                torch._dynamo.reset()
-                compiled = torch.compile(net, fullgraph=True)
-                got = grads(compiled, x)
-                got2 = grads(compiled, x)  # a second call: no recompile surprises
-                err = max(max_err(got, eager), max_err(got2, eager))
-                row["message"] = "compiled fwd+bwd vs eager (loss, d input, d params)"
+    loss = model(x)
+    gs = torch.autograd.grad(loss, [x, *model.parameters()])
+    return [t.detach().clone() for t in (loss, *gs)]
+
+
+def _max_rel(got, ref) -> float:
+    import torch
+
+    return max(_rel_err(u, v.detach().to("cpu", torch.float64)) for u, v in zip(got, ref))
+
+
+@contextlib.contextmanager
+def _dispatch_sandbox(ctx: _Ctx, **env):
+    """fused_rnn.dispatch with the environment variables `env` set (None: unset; restored on the
+    way out, with any later change to them), decisions forgotten on the way in and out. Off
+    CUDA a rehearsal: dispatch.device_info reports an sm_90 GPU for CPU tensors (the fused
+    backends run under the interpreter), as tests/test_dispatch.py does."""
+    from fused_rnn import dispatch
+
+    old_env = {k: os.environ.get(k) for k in env}
+    old_info = dispatch.device_info
+    try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                err = _ddp_step(net, x, device, row)
-            if err is not None:
-                row["max_rel_err"] = err
-                row["status"] = "pass" if err <= row["tol"] else "fail"
-        except Exception as exc:
-            row["status"] = "error"
-            row["message"] = f"{type(exc).__name__}: {_short(exc, 600)}"
-            traceback.print_exc()
-    row["seconds"] = round(time.perf_counter() - t0, 3)
-    _emit({"ev": "row", "kind": "extra", "row": row})
+                os.environ[k] = str(v)
+        if not ctx.cuda:
+            fake = dispatch.DeviceInfo("CPU rehearsal (not a GPU)", (9, 0))
+            dispatch.device_info = lambda device: fake
+            ctx.details["rehearsal"] = "CPU: dispatch.device_info reports sm_90 for CPU tensors"
+        dispatch.forget()
+        yield dispatch
+    finally:
+        dispatch.device_info = old_info
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dispatch.forget()
+
+
+@contextlib.contextmanager
+def _cudnn_enabled(flag: bool):
+    """torch.backends.cudnn.enabled = flag for the body, and nothing else (cudnn.flags() also
+    resets the TF32 switches to its own defaults)."""
+    import torch
+
+    old = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = flag
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = old
+
+
+def _auto_sizes(ctx: _Ctx) -> tuple[int, int, int, int]:
+    return (4, 2, 8, 16) if ctx.tiny else (32, 8, 32, 64)
+
+
+def _check_auto(ctx: _Ctx) -> float | None:
+    """backend="auto" resolves as the policy says (fused_rnn.dispatch.explain, per call).
+
+    1. The shipped policy (fused_rnn/policy.json): each call's key resolves to the entry's
+       winner, or with no entry to torch's native op (rule 6).
+    2. A policy written here naming a different winner per cell (LSTM stepwise, GRU persistent,
+       RNN torch), read through FUSED_RNN_POLICY: each call resolves to it ("policy: ..."),
+       and the module's output equals backend="torch"'s within the fp32 tolerance.
+    3. torch's flags over the policy: cudnn.enabled = False gives torch (rule 2);
+       deterministic algorithms keep the fused winner (both fused backends are deterministic).
+    """
+    import torch
+
+    import fused_rnn
+
+    T, B, I, H = _auto_sizes(ctx)  # noqa: E741
+    wanted = {"LSTM": "stepwise", "GRU": "persistent", "RNN": "torch"}
+    ms = {"stepwise": {"torch": 2.0, "stepwise": 1.0, "persistent": 1.5},
+          "persistent": {"torch": 2.0, "stepwise": 1.8, "persistent": 1.0},
+          "torch": {"torch": 1.0, "stepwise": 2.0, "persistent": 2.0}}  # fmt: skip
+    g = torch.Generator().manual_seed(ctx.seed)
+    x = torch.randn(T, B, I, generator=g).to(ctx.device)
+    models = {}
+    for cls in wanted:
+        auto = getattr(fused_rnn, cls)(I, H, backend="auto").to(ctx.device)
+        ref = getattr(fused_rnn, cls)(I, H, backend="torch").to(ctx.device)
+        ref.load_state_dict(auto.state_dict())
+        models[cls] = (auto.eval(), ref.eval())
+    policy_path = Path(tempfile.mkdtemp(prefix="gpu_check_policy_")) / "policy.json"
+    from fused_rnn import dispatch as _d
+
+    err = 0.0
+    try:
+        with torch.no_grad(), _dispatch_sandbox(ctx, **{_d.POLICY_ENV: None}) as dispatch:
+            shipped, keys = [], {}
+            entries = dispatch.load_policy()["entries"]
+            for cls, (auto, _) in models.items():
+                r = dispatch.explain(auto, x, file=None)[-1]
+                keys[cls] = (r.key, r.shape)
+                entry = entries.get(r.key)
+                want = entry["backend"] if entry else "torch"
+                shipped.append([cls, r.key, r.backend, r.reason])
+                said = "policy" if entry else "no measurement"
+                ctx.expect(r.backend == want and said in r.reason,
+                           f"shipped policy: {cls} resolved to {r.backend} ({r.reason}), "
+                           f"expected {want}")  # fmt: skip
+            ctx.details["shipped_policy"] = shipped
+
+            entries = {keys[c][0]: {"backend": w, "shapes": [{"shape": keys[c][1], "run": 0,
+                                                              "ms": ms[w]}]}
+                       for c, w in wanted.items()}  # fmt: skip
+            doc = {"format": 1, "source": "gpu_check: a synthetic policy", "min_gain": 1.05,
+                   "runs": [], "entries": entries}  # fmt: skip
+            policy_path.write_text(json.dumps(doc))
+            os.environ[_d.POLICY_ENV] = str(policy_path)
+            dispatch.forget()
+            got = []
+            for cls, (auto, ref) in models.items():
+                r = dispatch.explain(auto, x, file=None)[-1]
+                got.append([cls, r.key, r.backend, r.reason])
+                ctx.expect(r.backend == wanted[cls] and r.reason.startswith("policy"),
+                           f"written policy: {cls} resolved to {r.backend} ({r.reason}), "
+                           f"expected {wanted[cls]}")  # fmt: skip
+                y, y_ref = auto(x)[0], ref(x)[0]
+                err = max(err, _rel_err(y, y_ref.double().cpu()))
+            ctx.details["written_policy"] = got
+
+            flags = []
+            lstm = models["LSTM"][0]
+            with _cudnn_enabled(False):
+                r = dispatch.explain(lstm, x, file=None)[-1]
+            flags.append(["cudnn.enabled=False", r.backend, r.reason])
+            ctx.expect(
+                r.backend == "torch" and "cudnn.enabled" in r.reason,
+                f"cudnn.enabled=False: LSTM resolved to {r.backend} ({r.reason})",
+            )
+            old = (torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+            try:
+                # warn_only: cuBLAS would otherwise refuse without CUBLAS_WORKSPACE_CONFIG
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = dispatch.explain(lstm, x, file=None)[-1]
+            finally:
+                torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+            flags.append(["deterministic", r.backend, r.reason])
+            ctx.expect(
+                r.backend == "stepwise" and "deterministic" in r.reason,
+                f"deterministic algorithms: LSTM resolved to {r.backend} ({r.reason})",
+            )
+            ctx.details["flags"] = flags
+    finally:
+        shutil.rmtree(policy_path.parent, ignore_errors=True)
+    return err
+
+
+def _host_timer(backend, run, device, **_) -> float:
+    """Host milliseconds of one run() after a warm-up: the autotuner's timer in the CPU
+    rehearsal, where CUDA events do not exist (what is checked there is the autotuning's
+    bookkeeping, not which backend is faster)."""
+    run()
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _check_autotune(ctx: _Ctx) -> float | None:
+    """On-device autotuning end to end (fused_rnn.set_autotune): for an LSTM trained (fwdbwd)
+    and a GRU in inference (fwd), the first call times every candidate and writes the cache
+    file; the second call, and a call after dispatch.forget() (memory dropped, the file read
+    again), time nothing and run the same backend; the outputs equal backend="torch"'s."""
+    import torch
+
+    import fused_rnn
+    from fused_rnn import dispatch as _d
+
+    T, B, I, H = _auto_sizes(ctx)  # noqa: E741
+    folder = Path(tempfile.mkdtemp(prefix="gpu_check_autotune_"))
+    timed: list[str] = []
+    real_timer = _d._timer
+    timer = real_timer if ctx.cuda else _host_timer
+
+    def counting(backend, run, device, **kw):
+        timed.append(backend)
+        return timer(backend, run, device, **kw)
+
+    err, shapes = 0.0, []
+    try:
+        with _dispatch_sandbox(ctx, **{_d.CACHE_DIR_ENV: folder}) as dispatch:
+            dispatch._timer = counting
+            dispatch.set_autotune(True)
+            for cls, grad in (("LSTM", True), ("GRU", False)):
+                g = torch.Generator().manual_seed(ctx.seed + len(shapes))
+                auto = getattr(fused_rnn, cls)(I, H, backend="auto").to(ctx.device)
+                ref = getattr(fused_rnn, cls)(I, H, backend="torch").to(ctx.device)
+                ref.load_state_dict(auto.state_dict())
+                x = torch.randn(T, B, I, generator=g).to(ctx.device).requires_grad_(grad)
+                seen = []
+                with torch.set_grad_enabled(grad):
+                    for forget in (False, False, True):
+                        if forget:
+                            dispatch.forget()  # drops what is in memory: the file must answer
+                        n0 = len(timed)
+                        r = dispatch.explain(auto, x, file=None)[-1]
+                        seen.append([r.backend, r.reason, timed[n0:]])
+                    y, y_ref = auto(x)[0], ref(x)[0]
+                err = max(err, _rel_err(y, y_ref.detach().double().cpu()))
+                key = r.key
+                path = dispatch.cache_path()
+                doc = json.loads(path.read_text()) if path.exists() else {}
+                stored = any(key in e for e in doc.get("environments", {}).values())
+                shapes.append({"cell": cls, "grad": grad, "key": key, "calls": seen,
+                               "cache_file": path.name if path.exists() else None,
+                               "stored": stored})  # fmt: skip
+                first, second, third = seen
+                ctx.expect(
+                    len(first[2]) >= 2 and "autotuned now" in first[1],
+                    f"{cls}: the first call did not autotune ({first[1]}; timed {first[2]})",
+                )
+                ctx.expect(stored, f"{cls}: key {key} not in the cache file {path}")
+                for n, (b, why, t) in ((2, second), (3, third)):
+                    ctx.expect(not t and b == first[0] and "autotune cache" in why,
+                               f"{cls}: call {n} timed {t} or ran {b} ({why}), expected a cache "
+                               f"hit on {first[0]}")  # fmt: skip
+    finally:
+        _d._timer = real_timer
+        _d.set_autotune(None)
+        shutil.rmtree(folder, ignore_errors=True)
+    ctx.details["shapes"] = shapes
+    return err
+
+
+def _hvp_outputs(out) -> list:
+    if not isinstance(out, tuple):
+        return [out]
+    y, h = out
+    return [y, *h] if isinstance(h, tuple) else [y, h]
+
+
+def _hvp(module, x, us, vs):
+    """(H v) w.r.t. x and every parameter for L = sum_i <out_i, u_i>: the gradient with
+    create_graph=True, then the gradient of <grad, v>."""
+    import torch
+
+    outs = _hvp_outputs(module(x))
+    loss = sum((o * u).sum() for o, u in zip(outs, us, strict=True))
+    wrt = [x, *module.parameters()]
+    grads = torch.autograd.grad(loss, wrt, create_graph=True)
+    dot = sum((gr * v).sum() for gr, v in zip(grads, vs, strict=True))
+    return torch.autograd.grad(dot, wrt, allow_unused=True)
+
+
+def _check_hvp(ctx: _Ctx) -> float | None:
+    """Second-order gradients on the device: Hessian-vector products w.r.t. the input and every
+    parameter through `ctx.backend` (fp32, TF32 off) against fused_rnn's torch backend in float64
+    on the CPU, for a 2-layer bidirectional LSTM, a GRU, a ReLU RNN and an LSTMCell; the torch
+    backend's own fp32 error on the device is recorded beside it (details["baseline"]), with
+    cuDNN off: cuDNN's RNN has no double backward, torch's non-cuDNN op has."""
+    import torch
+
+    import fused_rnn
+
+    T = ctx.steps(3)
+    B, I, H = (2, 3, 4) if ctx.tiny else (4, 8, 16)  # noqa: E741
+    cases = {"LSTM": ("LSTM", dict(num_layers=2, bidirectional=True)), "GRU": ("GRU", {}),
+             "RNN-relu": ("RNN", dict(nonlinearity="relu")),
+             "LSTMCell": ("LSTMCell", {})}  # fmt: skip
+    g = torch.Generator().manual_seed(ctx.seed)
+    worst, base_worst = 0.0, 0.0
+    for name, (cls, kw) in cases.items():
+        ref = getattr(fused_rnn, cls)(I, H, **kw, backend="torch").double()
+        x64 = torch.randn(B, I, generator=g, dtype=torch.float64) if cls.endswith("Cell") else (
+            torch.randn(T, B, I, generator=g, dtype=torch.float64))  # fmt: skip
+        outs = _hvp_outputs(ref(x64))
+        us = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+        vs = [torch.randn(t.shape, generator=g, dtype=torch.float64)
+              for t in (x64, *ref.parameters())]  # fmt: skip
+        expected = _hvp(ref, x64.clone().requires_grad_(), us, vs)
+        errs = {}
+        for which in (ctx.backend, "torch"):
+            m = getattr(fused_rnn, cls)(I, H, **kw, backend=which).to(ctx.device)
+            m.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+            dev = [t.to(ctx.device, torch.float32) for t in us], [
+                t.to(ctx.device, torch.float32) for t in vs]  # fmt: skip
+            x = x64.to(ctx.device, torch.float32).requires_grad_()
+            with _cudnn_enabled(which != "torch"):
+                got = _hvp(m, x, *dev)
+            e = 0.0
+            for a, b in zip(got, expected, strict=True):
+                if a is None and b is None:  # a parameter the second-order term never reaches
+                    continue
+                b = torch.zeros(a.shape, dtype=torch.float64) if b is None else b.detach()
+                a = torch.zeros_like(b) if a is None else a
+                e = max(e, _rel_err(a, b))
+            errs[which] = e
+        worst, base_worst = max(worst, errs[ctx.backend]), max(base_worst, errs["torch"])
+        ctx.details[name] = {"fused": errs[ctx.backend], "torch_backend_fp32": errs["torch"]}
+    ctx.details["baseline"] = base_worst
+    return worst
+
+
+def _fused_op_nodes(graphs) -> int:
+    """Calls of fused_rnn:: operators in dynamo's graphs."""
+    return sum(1 for gm in graphs for n in gm.graph.nodes
+               if n.op == "call_function" and str(n.target).startswith("fused_rnn."))  # fmt: skip
+
+
+def _check_compile(ctx: _Ctx) -> float | None:
+    """torch.compile(fullgraph=True) of a 2-layer fused LSTM and a head: three compiled calls on
+    fresh inputs (loss and the gradients of the input and every parameter) match eager, and
+    they ran one graph, compiled once (no recompile), holding one fused_rnn operator per layer.
+    Inductor on CUDA; dynamo's "eager" backend off CUDA (inductor compiles for tens of seconds
+    on a small CPU)."""
+    import torch
+    import torch._dynamo
+
+    T = ctx.steps(6)
+    net = _make_net(ctx.backend).to(ctx.device)
+    g = torch.Generator().manual_seed(ctx.seed)
+    xs = [torch.randn(4, T, 16, generator=g).to(ctx.device).requires_grad_() for _ in range(3)]
+    name = "inductor" if ctx.cuda else "eager"
+    inner = torch._dynamo.lookup_backend(name)
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graphs, on their way to the real backend
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(net, fullgraph=True, backend=backend)
+        err = 0.0
+        for x in xs:
+            err = max(err, _max_rel(_loss_grads(compiled, x), _loss_grads(net, x)))
+    finally:
+        torch._dynamo.reset()
+    nodes = _fused_op_nodes(graphs)
+    ctx.details.update(compile_backend=name, graphs=len(graphs), fused_op_nodes=nodes)
+    ctx.expect(len(graphs) == 1, f"{len(graphs)} graphs compiled over 3 calls, expected 1")
+    ctx.expect(nodes == 2, f"{nodes} fused_rnn operator nodes, expected 2 (one per layer)")
+    return err
+
+
+def _check_compile_ro(ctx: _Ctx) -> float | None:
+    """torch.compile(mode="reduce-overhead"): inductor captures the model, fused_rnn operators
+    included, into its own CUDA graphs. fused_rnn's graph cache must step aside while that
+    capture runs (a capture inside a capture fails). Four training steps on fresh inputs match
+    eager, and inductor did not skip CUDA graphs (its cudagraph_skips counter)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from fused_rnn import _graphs
+
+    T = ctx.steps(6)
+    net = _make_net(ctx.backend).to(ctx.device)
+    g = torch.Generator().manual_seed(ctx.seed)
+    xs = [torch.randn(4, T, 16, generator=g).to(ctx.device).requires_grad_() for _ in range(4)]
+    torch._dynamo.reset()
+    skips0 = dict(counters["inductor"])
+    info0 = _counters(_graphs.cache_info())
+    try:
+        compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+        err = 0.0
+        for x in xs:
+            torch.compiler.cudagraph_mark_step_begin()
+            got = _loss_grads(compiled, x)  # clones: the next replay overwrites the outputs
+            err = max(err, _max_rel(got, _loss_grads(net, x)))
+    finally:
+        torch._dynamo.reset()
+    info1 = _counters(_graphs.cache_info())
+    skipped = counters["inductor"].get("cudagraph_skips", 0) - skips0.get("cudagraph_skips", 0)
+    ctx.details.update(inductor_cudagraph_skips=skipped,
+                       fused_graph_cache={k: info1[k] - info0[k] for k in info0})  # fmt: skip
+    ctx.expect(skipped == 0, f"inductor skipped CUDA graphs {skipped} time(s): nothing checked")
+    return err
+
+
+def _check_convert(ctx: _Ctx) -> float | None:
+    """fused_rnn.convert of a model holding an nn.LSTM (2 layers, batch_first) on the device:
+    the LSTM becomes fused_rnn.LSTM on `ctx.backend` keeping its Parameter objects, and the
+    model's output and gradients match float64; fused_rnn.revert gives back an nn.LSTM that
+    computes what it computed before the round trip (cuDNN on CUDA)."""
+    import torch
+    from torch import nn
+
+    import fused_rnn
+
+    T = ctx.steps(5)
+    B, I, H = 3, 8, 16  # noqa: E741
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(I, H, num_layers=2, batch_first=True)
+            self.head = nn.Linear(H, 4)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    def run(model, x):
+        x = x.detach().requires_grad_()
+        y = model(x)
+        gs = torch.autograd.grad(y.sum(), [x, *model.parameters()])
+        return [y.detach(), *gs]
+
+    model = Model().to(ctx.device)
+    x = torch.randn(B, T, I, generator=torch.Generator().manual_seed(ctx.seed)).to(ctx.device)
+    ref64 = copy.deepcopy(model).to("cpu", torch.float64)
+    expected = run(ref64, x.double().cpu())
+    before = run(model, x)
+    ids = [id(p) for p in model.parameters()]
+    fused_rnn.convert(model, backend=ctx.backend)
+    kept = [id(p) for p in model.parameters()] == ids
+    ctx.expect(type(model.rnn) is fused_rnn.LSTM, f"convert gave {type(model.rnn).__name__}")
+    ctx.expect(kept, "convert did not keep the Parameter objects")
+    converted = run(model, x)
+    err = _max_rel(converted, expected)
+    fused_rnn.revert(model)
+    ctx.expect(type(model.rnn) is nn.LSTM, f"revert gave {type(model.rnn).__name__}")
+    ctx.expect([id(p) for p in model.parameters()] == ids, "revert did not keep the Parameters")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        after = run(model, x)
+    same = all(torch.equal(a, b) for a, b in zip(after, before))
+    err_after = _max_rel(after, expected)
+    ctx.expect(err_after <= TOLERANCES["fp32"][0], f"after revert: rel err {err_after:.2e}")
+    ctx.details.update(baseline=_max_rel(before, expected), revert_err=err_after,
+                       revert_bitwise_equal=same,
+                       revert_warnings=sorted({_short(w.message, 120)
+                                               for w in caught}))  # fmt: skip
+    return err
+
+
+def _check_autocast(ctx: _Ctx) -> float | None:
+    return _autocast_check(ctx.backend, ctx.device, ctx.row)
+
+
+def _check_ddp(ctx: _Ctx) -> float | None:
+    import torch
+
+    net = _make_net(ctx.backend).to(ctx.device)
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(ctx.seed))
+    return _ddp_step(net, x.to(ctx.device).requires_grad_(), ctx.device, ctx.row)
+
+
+_CHECKS = {
+    "auto": _check_auto,
+    "autotune": _check_autotune,
+    "hvp": _check_hvp,
+    "compile": _check_compile,
+    "compile-ro": _check_compile_ro,
+    "convert": _check_convert,
+    "ddp": _check_ddp,
+    "autocast": _check_autocast,
+}
+
+
+def _run_check(task: dict, plan: dict, device) -> None:
+    """One path check ("path") or extra check ("extra"): `_CHECKS[task["what"]]` in fp32 with
+    TF32 off, against its tolerance."""
+    import torch
+
+    from .runner import precision
+
+    check = task["checks"][0]
+    _emit({"ev": "start", "check": check["id"]})
+    row = {"id": check["id"], "check": task["what"], "backend": check["backend"], "status": None,
+           "message": "", "max_rel_err": None, "tol": TOLERANCES["fp32"][0], "details": {},
+           "seconds": None}  # fmt: skip
+    ctx = _Ctx(device, check["backend"], task["seed"], task.get("tiny", False), row)
+    t0 = time.perf_counter()
+    torch.manual_seed(task["seed"])
+    try:
+        with precision("fp32"):
+            err = _CHECKS[task["what"]](ctx)
+        _sync(device)
+        if err is not None:
+            row["max_rel_err"] = err
+        if row["status"] is None:  # a check may have decided (unavailable, fail) itself
+            row["status"] = "pass"
+            if err is None or not err <= row["tol"]:
+                row["status"] = "fail"
+                row["message"] = f"rel err {_fmt_err(err)} > tol {row['tol']:.0e}; "
+            if ctx.problems:
+                row["status"] = "fail"
+                row["message"] += "; ".join(ctx.problems)
+    except Exception as exc:
+        row["status"] = "error"
+        row["message"] = f"{type(exc).__name__}: {_short(exc, 600)}"
+        traceback.print_exc()
+        if _fatal_cuda(exc):
+            raise
+    finally:
+        row["details"] = {**ctx.details, **row["details"]}
+        row["message"] = row["message"].strip().rstrip(";")
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        _emit({"ev": "row", "kind": task["type"], "row": row})
 
 
 def torch_nn_under_autocast(module, x, dtype):
@@ -1004,6 +1740,32 @@ def _run_warm(task: dict, plan: dict, device) -> None:
     _emit({"ev": "row", "kind": "warm", "row": row})
 
 
+def _run_micro(task: dict, plan: dict, device) -> None:
+    """The barrier and launch-floor micro-benchmarks (fused_rnn.bench.barrier_bench), one
+    check each, alone on the device. A barrier that never completes is a hang (the watchdog)."""
+    from . import barrier_bench as bb
+
+    steps, reps, launches = task["micro"]
+    for check in task["checks"]:
+        _emit({"ev": "start", "check": check["id"]})
+        t0 = time.perf_counter()
+        try:
+            if check["what"] == "barrier":
+                row = bb.measure_barrier(check["programs"], device, steps, reps)
+            else:
+                row = bb.measure_launch(check["path"], device, launches, reps)
+        except Exception as exc:
+            row = {"what": check["what"], "status": "error",
+                   "message": f"{type(exc).__name__}: {_short(exc, 400)}"}  # fmt: skip
+            traceback.print_exc()
+            if _fatal_cuda(exc):
+                _emit({"ev": "row", "kind": "micro", "row": {**row, "id": check["id"]}})
+                raise
+        row.update(id=check["id"], backend=check["backend"],
+                   seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+        _emit({"ev": "row", "kind": "micro", "row": row})
+
+
 def _run_bench(task: dict, plan: dict, device) -> None:
     from .runner import Config, TimingOptions, run_config
     from .suites import Shape
@@ -1014,22 +1776,35 @@ def _run_bench(task: dict, plan: dict, device) -> None:
     opts = TimingOptions(*plan["bench_timing"])
     _emit({"ev": "start", "check": task["id"] + "/torch.nn"})
     fatal = []
+    before = {}
+
+    def start(row):
+        before.update(_counters(_graphs.cache_info()))
+        _emit({"ev": "start", "check": ids[row.backend]})
 
     def done(row):
-        _emit({"ev": "row", "kind": "bench", "row": {"id": ids[row.backend], **row.as_dict()}})
+        # the graph cache over the row (captures and replays of the stepwise loops: the timed
+        # runs of a stepwise row are replays), then its memory back before the next row
+        after = _counters(_graphs.cache_info())
+        graphs = {k: after[k] - before.get(k, 0) for k in after}
+        _graphs.clear_graph_cache()
+        _emit({"ev": "row", "kind": "bench",
+               "row": {"id": ids[row.backend], **row.as_dict(), "graphs": graphs}})  # fmt: skip
         if row.error and _fatal_cuda(Exception(row.error)):
             fatal.append(row.error)
 
-    run_config(cfg, ["none"], list(ids), device, opts,
-               on_row_start=lambda row: _emit({"ev": "start", "check": ids[row.backend]}),
-               on_row_done=done)  # fmt: skip
+    from fused_rnn import _graphs
+
+    run_config(cfg, ["none"], list(ids), device, opts, on_row_start=start, on_row_done=done)
     if fatal:
         raise RuntimeError(fatal[0])
 
 
 _RUNNERS = {
     "correctness": _run_correctness,
-    "extra": _run_extra,
+    "path": _run_check,
+    "extra": _run_check,
+    "micro": _run_micro,
     "warm": _run_warm,
     "bench": _run_bench,
 }
@@ -1046,6 +1821,8 @@ def worker_main(plan_path: str) -> int:
     _INJECT[:] = [tuple(s.split(":", 1)) for s in plan.get("inject", [])]
     for line in sys.stdin:  # one task per line, sent when the previous one is done
         task = json.loads(line)
+        if "poison" in task:  # NaN-filled kernel outputs (read by fused_rnn.kernels per call)
+            os.environ["FUSED_RNN_POISON"] = "1" if task["poison"] else "0"
         try:
             _RUNNERS[task["type"]](task, plan, device)
         except Exception as exc:
@@ -1064,8 +1841,14 @@ def worker_main(plan_path: str) -> int:
 class Lane:
     """A queue of tasks run in order by one worker process at a time."""
 
-    def __init__(self, name: str, tasks: list[dict], env: dict):
+    def __init__(self, name: str, tasks: list[dict], env: dict, optional: bool = False):
         self.name, self.env = name, env
+        # an optional lane (compiling ahead) does not hold its phase open: it is stopped, its
+        # tasks dropped without rows, when the other lanes are done
+        self.optional = optional
+        # a kept lane's worker waits for more tasks when its queue is empty (the next phase
+        # reuses it: no new process, imports and CUDA context); Supervisor.close ends it
+        self.keep = False
         self.pending: collections.deque = collections.deque(tasks)
         self.proc = None
         self.gen = 0
@@ -1088,12 +1871,15 @@ class Supervisor:
         self.crashes: collections.Counter = collections.Counter()
         self.tripped: dict[str, str] = {}  # backend -> why its remaining checks are skipped
         self.interrupted = False
+        self.draining: str | None = None  # why no new task starts (the phase's time is up)
 
     # --- workers -------------------------------------------------------------------------
 
     def _start(self, lane: Lane) -> None:
         """A fresh worker for the lane, given the lane's next task (if any is left to run)."""
         self._drop_tripped(lane)
+        if self.draining:
+            self._skip_pending(lane, self.draining)
         if not lane.pending:
             lane.done = True
             return
@@ -1112,6 +1898,8 @@ class Supervisor:
     def _send(self, lane: Lane, extra_s: float = 0.0) -> None:
         """Give the worker the lane's head task, or close its stdin (it exits) if none is left."""
         self._drop_tripped(lane)
+        if self.draining:
+            self._skip_pending(lane, self.draining)
         try:
             if lane.pending:
                 task = lane.pending[0]
@@ -1119,6 +1907,8 @@ class Supervisor:
                 lane.proc.stdin.flush()
                 lane.current = f"{task['id']} (starting)"
                 lane.deadline = _now() + self._timeout(task) + extra_s
+            elif lane.keep:  # idle until the next phase gives it tasks
+                lane.current, lane.deadline, lane.done = None, None, True
             else:
                 lane.proc.stdin.close()
                 lane.current, lane.deadline = None, _now() + 60  # time to exit
@@ -1201,13 +1991,23 @@ class Supervisor:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def run(self, lanes: list[Lane], deadline: float, label: str) -> None:
+    def run(self, lanes: list[Lane], soft: float, hard: float, label: str) -> None:
+        """Runs the lanes' tasks until the required (not optional) lanes are done. From `soft`
+        on no task starts (the rest are "skipped"); at `hard` what still runs is killed."""
+        self.draining = None
+        if _now() >= soft:
+            self.draining = f"not started: the budget for the {label} phase was spent (--budget-s)"
         for lane in lanes:
             lane.done = not lane.pending
             if not lane.done:
-                self._start(lane)
+                if self.draining and lane.optional:
+                    self._drop(lane)
+                elif lane.proc is not None and lane.proc.poll() is None:  # a kept worker
+                    self._send(lane)
+                else:
+                    self._start(lane)
         try:
-            self._loop(lanes, deadline, label)
+            self._loop(lanes, soft, hard, label)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what finished, skip the rest
             self.interrupted = True
             self._abort(lanes, "interrupted")
@@ -1215,14 +2015,27 @@ class Supervisor:
             for lane in lanes:
                 self._kill(lane)
             raise
+        for lane in lanes:
+            if lane.optional and not lane.done:
+                self._drop(lane)
 
-    def _loop(self, lanes: list[Lane], deadline: float, label: str) -> None:
-        while not all(lane.done for lane in lanes):
+    def _loop(self, lanes: list[Lane], soft: float, hard: float, label: str) -> None:
+        while not all(lane.done for lane in lanes if not lane.optional):
             now = _now()
-            if now >= deadline:
-                self._abort(lanes, f"the {label} phase ran out of time (--max-minutes)")
+            if now >= hard:
+                self._abort(lanes, f"killed: the {label} phase ran out of time (--budget-s)")
                 return
-            wake = min([deadline] + [ln.deadline for ln in lanes if not ln.done and ln.deadline])
+            if now >= soft and not self.draining:
+                self.draining = f"not started: the {label} phase ran out of time (--budget-s)"
+                for lane in lanes:
+                    if lane.optional:
+                        self._drop(lane)
+                    elif len(lane.pending) > 1 or (lane.pending and lane.proc is None):
+                        head = [] if lane.proc is None else [lane.pending.popleft()]
+                        self._skip_pending(lane, self.draining)
+                        lane.pending.extendleft(head)
+            alarms = [soft if not self.draining else hard, hard]
+            wake = min(alarms + [ln.deadline for ln in lanes if not ln.done and ln.deadline])
             try:
                 lane, gen, what, payload = self.events.get(timeout=max(0.05, wake - now))
             except queue.Empty:
@@ -1232,6 +2045,29 @@ class Supervisor:
             for ln in lanes:
                 if not ln.done and ln.deadline is not None and _now() > ln.deadline:
                     self._hang(ln, lanes)
+
+    def close(self, lane: Lane) -> None:
+        """Ends a kept lane's worker (its stdin closed: it exits), killed if it lingers."""
+        if lane.proc is not None and lane.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                lane.proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                lane.proc.wait(timeout=30)
+        self._kill(lane)
+
+    def _skip_pending(self, lane: Lane, why: str) -> None:
+        """Reports every check of the lane's tasks not yet given to a worker as skipped."""
+        while lane.pending:
+            task = lane.pending.popleft()
+            for c in task["checks"]:
+                self.sink(task["type"], _failed_row(task, c, "skipped", why), task)
+
+    def _drop(self, lane: Lane) -> None:
+        """Stops an optional lane: its worker killed, its tasks dropped without rows."""
+        self._kill(lane)
+        lane.gen += 1
+        lane.pending.clear()
+        lane.done = True
 
     def _handle(self, lane: Lane, what: str, payload, lanes: list[Lane]) -> None:
         if what == "line":
@@ -1316,6 +2152,9 @@ class Supervisor:
         for lane in lanes:
             if lane.done:
                 continue
+            if lane.optional:
+                self._drop(lane)
+                continue
             self._kill(lane)
             lane.gen += 1
             for task in lane.pending:
@@ -1333,9 +2172,11 @@ def _failed_row(task: dict, check: dict, status: str, message: str) -> dict:
         row.update(status=status, message=message)
         return row
     if t == "bench":
-        return {"id": check["id"], "backend": check["backend"], "status": "error",
+        return {"id": check["id"], "backend": check["backend"],
+                "status": "skipped" if status == "skipped" else "error",
                 "error": f"{status}: {message}"}  # fmt: skip
-    return {"id": check["id"], "backend": check["backend"], "check": task.get("what"),
+    extra = {k: v for k, v in check.items() if k not in ("id", "backend")}  # micro: programs...
+    return {"id": check["id"], "backend": check["backend"], "check": task.get("what"), **extra,
             "status": status, "message": message}  # fmt: skip
 
 
@@ -1346,16 +2187,54 @@ def _only(args, check_id: str) -> bool:
     return args.only is None or re.search(args.only, check_id) is not None
 
 
-def plan_tasks(args, device, level: str, base_seed: int):
-    """(correctness tasks, extra tasks, warm tasks, bench tasks, rows reported without a run)."""
+@dataclasses.dataclass
+class Plan:
+    """The tasks of a run, phase by phase, and the rows known without running anything."""
+
+    correctness: list = dataclasses.field(default_factory=list)
+    paths: list = dataclasses.field(default_factory=list)
+    warm: list = dataclasses.field(default_factory=list)  # bench kernels compiled ahead
+    micro: list = dataclasses.field(default_factory=list)
+    bench: list = dataclasses.field(default_factory=list)
+    extras: list = dataclasses.field(default_factory=list)
+    pre: list = dataclasses.field(default_factory=list)  # (kind, row, task): unavailable here
+
+    def checks(self, phase: str) -> int:
+        return sum(len(t["checks"]) for t in getattr(self, phase))
+
+
+def _bench_configs(level: str, suite_names=None):
+    """[(suite, shape, dtype, mode)] in the order they run (BENCH_PLAN)."""
+    from .suites import SUITES, custom_suite
+
+    if level == "tiny":  # one cell, both modes: the bench path on the interpreter
+        suite = custom_suite(3, 2, 8, 8)
+        groups = [(dataclasses.replace(suite, shapes=suite.shapes[:1]), ("fp32",))]
+    else:
+        names = BENCH_PLAN[level]
+        if suite_names:
+            names = [(s, d) for s, d in BENCH_PLAN["full"] if s in suite_names]
+        groups = [(SUITES[s], dts) for s, dts in names]
+    out = []
+    for suite, dtypes in groups:
+        for dtype in dtypes:
+            for shape in suite.shapes:
+                for mode in suite.modes:
+                    out.append((suite.name, shape, dtype, mode))
+    return out
+
+
+def plan_tasks(args, device, level: str, base_seed: int) -> Plan:
+    """Every task of the run for `level` on `device`, in the order each phase runs them."""
     from fused_rnn import dispatch
 
-    from .suites import SUITES
-
     def why_not(backend, mode):
+        if backend == "auto":
+            return None
         return dispatch.unavailable_reason(backend, mode, device)
 
-    corr, pre = [], []
+    plan = Plan()
+    tiny = level == "tiny"
     for kind, size, dtype in correctness_plan(level):
         tid = f"{kind}/{size.name}/{dtype}"
         task = {
@@ -1369,63 +2248,169 @@ def plan_tasks(args, device, level: str, base_seed: int):
                 continue
             reason = why_not(b, _dispatch_mode(kind))
             if reason:
-                row = _failed_row(task, check, "unavailable", reason)
-                pre.append(("correctness", row, task))
+                plan.pre.append(("correctness", _failed_row(task, check, "unavailable", reason),
+                                 task))  # fmt: skip
             else:
                 task["checks"].append(check)
         if task["checks"]:
-            corr.append(task)
+            plan.correctness.append(task)
 
-    extras = []
-    if not args.no_extras:
-        # --tiny: torch.compile alone takes ~40 s on a 2-core CPU; it runs with --quick and full
-        for what in ("ddp", "autocast") if level == "tiny" else ("compile", "ddp", "autocast"):
-            for b in FUSED_BACKENDS:
-                cid = f"{what}/lstm/{b}"
-                if not _only(args, cid):
-                    continue
-                task = {"type": "extra", "id": cid, "what": what, "seed": _seed_for(base_seed, cid),
-                        "weight": 3.0, "checks": [{"id": cid, "backend": b}]}  # fmt: skip
-                reason = why_not(b, "LSTM")
-                if reason:
-                    pre.append(("extra", _failed_row(task, task["checks"][0], "unavailable",
-                                                     reason), task))  # fmt: skip
-                else:
-                    extras.append(task)
-
-    bench, warm = [], []
-    if not args.no_bench:
-        if level == "tiny":
-            from .suites import custom_suite
-
-            suites = [(custom_suite(5, 3, 8, 8), ("fp32",))]
+    def single(kind, what, backend, weight):
+        cid = f"{what}/{backend}"
+        if not _only(args, cid):
+            return
+        task = {"type": kind, "id": cid, "what": what, "seed": _seed_for(base_seed, cid),
+                "weight": weight, "tiny": tiny,
+                "checks": [{"id": cid, "backend": backend}]}  # fmt: skip
+        reason = why_not(backend, "LSTM")
+        if what == "compile-ro" and device.type != "cuda":
+            reason = ("needs CUDA: torch.compile(mode='reduce-overhead') records CUDA graphs "
+                      "(skipped on CPU)")  # fmt: skip
+        if reason:
+            plan.pre.append((kind, _failed_row(task, task["checks"][0], "unavailable", reason),
+                             task))  # fmt: skip
         else:
-            names = BENCH_PLAN[level]
-            if args.bench_suite:
-                names = [(s, d) for s, d in BENCH_PLAN["full"] if s in args.bench_suite]
-            suites = [(SUITES[s], dts) for s, dts in names]
-        for suite, dtypes in suites:
-            for shape in suite.shapes:
-                for dtype in dtypes:
-                    for mode in suite.modes:
-                        tid = f"{suite.name}/{shape.cell}/{dtype}/{mode}"
-                        checks = [{"id": f"{tid}/{b}", "backend": b} for b in FUSED_BACKENDS]
-                        checks = [c for c in checks if _only(args, c["id"])]
-                        if not checks:
-                            continue
-                        bench.append({"type": "bench", "id": tid, "suite": suite.name,
-                                      "shape": shape.as_dict(), "dtype": dtype, "mode": mode,
-                                      "weight": 2.0, "checks": checks})  # fmt: skip
-                        for c in checks:
-                            # compile ahead, in parallel (the interpreter compiles nothing)
-                            cuda = device.type == "cuda"
-                            if cuda and not why_not(c["backend"], _dispatch_mode(shape.cell)):
-                                warm.append({"type": "warm", "id": "warm/" + c["id"],
-                                             "shape": shape.as_dict(), "dtype": dtype,
-                                             "mode": mode, "weight": 2.0,
-                                             "checks": [{"id": "warm/" + c["id"],
-                                                         "backend": c["backend"]}]})  # fmt: skip
-    return corr, extras, warm, bench, pre
+            getattr(plan, "paths" if kind == "path" else "extras").append(task)
+
+    # --tiny (the CPU rehearsal): dynamo alone takes ~20 s per compile check on a small CPU, and
+    # the extras are the least important: one fused backend each there
+    once = ("compile", *EXTRA_CHECKS) if tiny else ()
+    if not args.no_paths:
+        for what, backends in PATH_CHECKS:
+            for b in backends[:1] if what in once else backends:
+                # torch.compile and autotuning time several compilations: more time to answer
+                single("path", what, b, 4.0 if what.startswith(("compile", "autotune")) else 2.0)
+    if not args.no_extras:
+        for what in EXTRA_CHECKS:
+            for b in FUSED_BACKENDS[:1] if what in once else FUSED_BACKENDS:
+                single("extra", what, b, 3.0)
+
+    if not args.no_micro:
+        from . import barrier_bench
+
+        checks = [{"id": f"barrier/p{p}", "what": "barrier", "programs": p, "backend": "barrier"}
+                  for p in barrier_bench.GRIDS]  # fmt: skip
+        checks += [{"id": f"launch/{p}", "what": "launch", "path": p, "backend": "launch"}
+                   for p in barrier_bench.LAUNCH_PATHS]  # fmt: skip
+        checks = [c for c in checks if _only(args, c["id"])]
+        if checks:
+            plan.micro.append({"type": "micro", "id": "micro", "micro": MICRO[level],
+                               "weight": 1.0, "checks": checks})  # fmt: skip
+
+    if not args.no_bench:
+        for suite, shape, dtype, mode in _bench_configs(level, args.bench_suite):
+            tid = f"{suite}/{shape.cell}/{dtype}/{mode}"
+            checks = [{"id": f"{tid}/{b}", "backend": b} for b in FUSED_BACKENDS]
+            checks = [c for c in checks if _only(args, c["id"])]
+            if not checks:
+                continue
+            plan.bench.append({"type": "bench", "id": tid, "suite": suite,
+                               "shape": shape.as_dict(), "dtype": dtype, "mode": mode,
+                               "weight": 2.0, "checks": checks})  # fmt: skip
+            for c in checks:
+                # compile ahead, in parallel (the interpreter compiles nothing)
+                if device.type == "cuda" and not why_not(c["backend"], _dispatch_mode(shape.cell)):
+                    wid = "warm/" + c["id"]
+                    plan.warm.append({"type": "warm", "id": wid, "shape": shape.as_dict(),
+                                      "dtype": dtype, "mode": mode, "weight": 2.0,
+                                      "checks": [{"id": wid,
+                                                  "backend": c["backend"]}]})  # fmt: skip
+    return plan
+
+
+# The time model behind --plan: estimates (seconds on the GPU machine), not measurements; none of
+# these has been timed on a GPU yet. Triton compiles dominate the correctness checks (about a
+# second per kernel variant on the GPU machine's CPUs; checks of one cell, dtype and hidden size
+# share most variants through Triton's disk cache); the flashrnn size adds a float64 reference
+# of 1024 steps on the CPU. A bench row costs its timed runs plus building, comparing with
+# torch.nn, explaining, the graph capture and freeing memory; the per-step times are DESIGN.md's
+# cuDNN figures (2 / 5 µs fwd / fwdbwd at B=16 H=768), doubled for the fused backends.
+EST = {
+    "startup_s": 15.0,  # imports, CUDA init, the environment record
+    "check_s": {"small": 1.0, "medium": 2.5, "flashrnn": 6.0},  # per correctness check
+    "path_s": {
+        "auto": 5.0,
+        "convert": 4.0,
+        "hvp": 6.0,
+        "autotune": 15.0,
+        "compile": 30.0,
+        "compile-ro": 40.0,
+        "ddp": 5.0,
+        "autocast": 6.0,
+    },  # fmt: skip
+    "micro_s": {"barrier": 1.5, "launch": 1.0},
+    "bench_row_s": 0.35,  # per side: build, compare, explain, graph capture, free
+    "bench_compile_s": 2.0,  # per fused row whose kernels were not compiled ahead
+    "us_per_step": {"fwd": (2.0, 4.0), "fwdbwd": (5.0, 10.0)},  # (torch.nn, fused)
+}
+
+
+def _bench_row_estimate(task: dict, timing: tuple) -> float:
+    """Seconds for one bench config: the torch.nn side and each fused row."""
+    warmup, reps, budget = timing
+    s = task["shape"]
+    steps = s["seq_len"] * s["num_layers"] * (2 if s["bidirectional"] else 1)
+    work = s["batch"] * s["hidden_size"] ** 2 / (16 * 768**2)  # vs the B=16 H=768 figures
+    total = 0.0
+    for i, us in enumerate(EST["us_per_step"][task["mode"]]):
+        call = steps * us * max(1.0, work) * 1e-6
+        n = min(reps, max(10, int(budget / call))) if budget else reps
+        sides = 1 if i == 0 else len(task["checks"])
+        total += sides * (EST["bench_row_s"] + (warmup + n + 4) * call)
+    return total
+
+
+def task_cost(task: dict) -> float:
+    """Estimated seconds of a correctness or path task on the GPU machine (EST)."""
+    if task["type"] == "correctness":
+        name = task["size"]["name"]
+        return EST["check_s"][name if name in ("medium", "flashrnn") else "small"] * len(
+            task["checks"]
+        )
+    return EST["path_s"][task["what"]]
+
+
+def _balance(tasks: list[dict], n: int) -> list[list[dict]]:
+    """`tasks` dealt to n queues of about equal estimated time (the longest first, each to the
+    least loaded queue), each queue in the order of `tasks` (cheapest first)."""
+    n = max(1, n)
+    loads, queues = [0.0] * n, [[] for _ in range(n)]
+    index = {id(t): i for i, t in enumerate(tasks)}
+    for t in sorted(tasks, key=task_cost, reverse=True):
+        j = loads.index(min(loads))
+        loads[j] += task_cost(t)
+        queues[j].append(t)
+    return [sorted(q, key=lambda t: index[id(t)]) for q in queues]
+
+
+def estimate(plan: Plan, level: str, workers: int, warmers: int = 0, extra_lanes: int = 1):
+    """[(stage, items, seconds, how)] of the plan on a GPU (a model: EST), in run order.
+    `workers`: the correctness phase's workers (path checks included); `warmers`: the workers
+    compiling the bench's kernels meanwhile; `extra_lanes`: workers of the extras."""
+    tasks = plan.correctness + plan.paths
+    phase1 = max([sum(map(task_cost, tasks)) / max(1, workers)] + [task_cost(t) for t in tasks])
+    micro = sum(EST["micro_s"][c["what"]] for t in plan.micro for c in t["checks"])
+    bench = sum(_bench_row_estimate(t, BENCH_TIMING[level]) for t in plan.bench)
+    # kernels specialise on the cell, dtype, sizes and mode; the warm-up workers compile during
+    # the correctness phase, the bench compiles the rest itself
+    kinds = {(t["shape"]["cell"], t["shape"]["hidden_size"], t["shape"]["batch"], t["dtype"],
+              t["mode"], c["backend"]) for t in plan.bench for c in t["checks"]}  # fmt: skip
+    compile_s = EST["bench_compile_s"] * len(kinds)
+    left = max(0.0, compile_s - phase1 * warmers) if plan.warm or not warmers else compile_s
+    lanes = max(1, min(extra_lanes, len(plan.extras)))
+    extras = max([sum(EST["path_s"][t["what"]] for t in plan.extras) / lanes]
+                 + [EST["path_s"][t["what"]] for t in plan.extras])  # fmt: skip
+    return [
+        ("startup", 1, EST["startup_s"], "imports, CUDA, environment"),
+        ("correctness", plan.checks("correctness") + plan.checks("paths"), phase1,
+         f"{workers} workers: {plan.checks('correctness')} checks of the kernels, "
+         f"{plan.checks('paths')} of the paths"),
+        ("micro", plan.checks("micro"), micro, "alone on the device"),
+        ("bench", plan.checks("bench"), bench + left,
+         f"alone; {len(plan.bench)} configs; {compile_s - left:.0f} of {compile_s:.0f} s of "
+         f"compiling done ahead by {warmers} workers"),
+        ("extras", plan.checks("extras"), extras, f"{lanes} workers"),
+    ]  # fmt: skip
 
 
 # ============================================================================ reporting
@@ -1473,54 +2458,127 @@ def _corr_summary(rows: list[dict], device_type: str) -> list[str]:
     return out
 
 
-def _extras_summary(rows: list[dict]) -> list[str]:
+def _paths_summary(correctness: list[dict]) -> list[str]:
+    """The graph cache, the launch paths and the persistent repeats over the correctness rows."""
+    out = []
+    graphed = [r for r in correctness if r.get("graphs")]
+    long = [r for r in graphed if not r["graphs"]["expected"].startswith("eager: T=")]
+    if graphed:
+        caps = sum(r["graphs"]["captures"] for r in long)
+        hits = sum(r["graphs"]["hits"] for r in long)
+        off = max((r["graphs_vs_off_max_abs"] for r in long
+                   if r.get("graphs_vs_off_max_abs") is not None), default=None)  # fmt: skip
+        want = collections.Counter(r["graphs"]["expected"] for r in long)
+        out.append(f"  CUDA graphs (stepwise, T >= {_graph_min_steps()}): {len(long)} checks "
+                   f"({'; '.join(f'{n} {k}' for k, n in want.items()) or '-'}): {caps} captures, "
+                   f"{hits} replays, max |graphs on - off| {_fmt_err(off)}; "
+                   f"{len(graphed) - len(long)} shorter checks")  # fmt: skip
+    launch = collections.Counter()
+    for r in correctness:
+        launch.update(r.get("launch") or {})
+    if launch:
+        out.append("  launch paths of the stepwise loops: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(launch.items())))  # fmt: skip
+    pers = [r for r in correctness if r["backend"] == "persistent" and r.get("ran_as")]
+    if pers:
+        fell = sum(not r["ran_as"].startswith("persistent") for r in pers)
+        vs: dict = {}
+        for r in pers:
+            if r.get("vs_stepwise_max_rel") is not None:
+                vs[r["dtype"]] = max(vs.get(r["dtype"], 0.0), r["vs_stepwise_max_rel"])
+        reps = sorted({r["repeats"] for r in pers})
+        out.append(f"  persistent: {len(pers)} checks x {'/'.join(map(str, reps))} runs, "
+                   f"{sum(r['status'] == 'race' for r in pers)} races; ran persistent in "
+                   f"{len(pers) - fell}, the stepwise kernels in {fell} (too big for the grid); "
+                   "max ||persistent - stepwise|| / ||stepwise||: "
+                   + (", ".join(f"{d} {_fmt_err(v)}" for d, v in vs.items()) or "-"))  # fmt: skip
+    return out
+
+
+def _checks_summary(title: str, rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    out = ["extras:"]
+    out = [title]
     for r in rows:
-        err = (
-            f"rel err {_fmt_err(r.get('max_rel_err'))}" if r.get("max_rel_err") is not None else ""
-        )
+        err = r.get("max_rel_err")
+        err = f"rel err {_fmt_err(err)}" if err is not None else ""
         out.append(
             f"  {r['id']:<22} {r['status']:<11} {err:<18} {_short(r.get('message', ''), 70)}"
         )
     return out
 
 
+def _micro_summary(rows: list[dict]) -> list[str]:
+    """One line for the barrier (per grid size), one for the launch floor."""
+    if not rows:
+        return []
+    out = []
+    bar = [r for r in rows if r.get("what") == "barrier"]
+    if bar:
+        parts = []
+        for r in bar:
+            tag = r["id"].rsplit("/", 1)[-1]
+            if r["status"] != "ok":
+                parts.append(f"{tag} {r['status']}")
+            elif r.get("stamp_median_ns") is not None:
+                parts.append(f"{tag} {r['stamp_median_ns']:.0f}/{r['slope_median_ns']:.0f}")
+            else:
+                parts.append(f"{tag} {r['interpreter_ns_per_crossing'] / 1e3:.0f} µs (interp.)")
+        out.append("  barrier, ns per crossing (stamps median / slope): " + ", ".join(parts))
+    lau = [r for r in rows if r.get("what") == "launch"]
+    if lau:
+        parts = []
+        for r in lau:
+            if r["status"] != "ok":
+                parts.append(f"{r['id'].rsplit('/', 1)[-1]} {r['status']}")
+            else:
+                dev = f"/{r['device_us']:.2f}" if r.get("device_us") is not None else ""
+                path = f" ({r['launch_path']})" if r.get("launch_path") == "plain" else ""
+                parts.append(f"{r['path']}{path} {r['host_us']:.2f}{dev}")
+        out.append("  launch, µs per launch (host/device): " + ", ".join(parts))
+    bad = [r for r in rows if r["status"] in _CORR_BAD]
+    for r in bad[:5]:
+        out.append(f"  {r['status']:<7} {r['id']:<16} {_short(r.get('message', ''), 90)}")
+    return ["micro-benchmarks:"] + out
+
+
+def _geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
 def _bench_summary(rows, device_type: str) -> list[str]:
-    """One line per suite, cell and dtype; per mode the baseline's ms, then each backend's ms
-    and x = baseline ms / fused ms."""
+    """One line per suite and dtype: per mode and fused backend the geometric mean over the
+    cells of x = baseline ms / fused ms (the full table is printed above, and in bench.json)."""
     if not rows:
         return []
     base = "cuDNN" if device_type == "cuda" else "torch.nn"
-    short = {"stepwise": "stepw", "persistent": "persist"}
-    out = [f"bench: median ms per call; x = {base} ms / fused ms (> 1: fused_rnn is faster); "
-           f"'!' = outputs disagree with torch.nn"]  # fmt: skip
+    short = {
+        b: {"stepwise": "stepw", "persistent": "persist"}.get(b, b[:7]) for b in FUSED_BACKENDS
+    }
+    out = [f"bench: x = {base} ms / fused ms (> 1: fused_rnn is faster), geometric mean over "
+           f"the cells; n = rows ok of all; '!' = a row disagreed with torch.nn"]  # fmt: skip
     table: dict = {}
     for r in rows:
-        table.setdefault((r.suite, r.cell, r.dtype), {})[(r.mode, r.backend)] = r
+        table.setdefault((r.suite, r.dtype), []).append(r)
     modes = [m for m in ("fwd", "fwdbwd") if any(r.mode == m for r in rows)]
-    head = f"{'suite':<12}{'cell':<5}{'dtype':<6}"
-    for m in modes:
-        head += f" |{m + ' ' + base:>15}" + "".join(
-            f"{short[b]:>9}{'x':>6}" for b in FUSED_BACKENDS
-        )
+    head = (
+        f"{'suite':<12}{'dtype':<6}"
+        + "".join(f" |{m:>7}" + "".join(f"{short[b]:>8}" for b in FUSED_BACKENDS) for m in modes)
+        + f" |{'n':>7}"
+    )
     out += [head, "-" * len(head)]
-    for (suite, cell, dtype), by in table.items():
-        line = f"{suite:<12}{cell:<5}{dtype:<6}"
+    for (suite, dtype), rs in table.items():
+        line = f"{suite:<12}{dtype:<6}"
         for m in modes:
-            mine = [r for (mode, _), r in by.items() if mode == m]
-            t = next((r.torch_ms for r in mine if r.torch_ms is not None), None)
-            line += f" |{_num(t):>15}"
+            line += f" |{'':>7}"
             for b in FUSED_BACKENDS:
-                r = by.get((m, b))
-                if r is None:
-                    line += f"{'-':>9}{'':>6}"
-                elif r.fused_ms is None:
-                    line += f"{r.status[:8]:>9}{'':>6}"
-                else:
-                    flag = "" if r.status == "ok" else "!"
-                    line += f"{_num(r.fused_ms) + flag:>9}{_num(r.ratio, 2):>6}"
+                mine = [r for r in rs if r.mode == m and r.backend == b]
+                g = _geomean([r.ratio for r in mine if r.status in ("ok", "mismatch")])
+                flag = "!" if any(r.status == "mismatch" for r in mine) else ""
+                line += f"{(_num(g, 2) if g else '-') + flag:>8}"
+        ok = sum(r.status == "ok" for r in rs)
+        line += f" |{f'{ok}/{len(rs)}':>7}"
         out.append(line)
     bad = [r for r in rows if r.status in ("error", "mismatch")]
     if bad:
@@ -1560,17 +2618,32 @@ def _bench_row(d: dict, task: dict):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fused_rnn.bench.gpu_check",
-        description="Correctness of every fused path against float64 and torch.nn, then timing "
-        "against cuDNN, in one call. Prints a short summary table last.",
+        description="Correctness of every fused path against float64 and torch.nn, the barrier "
+        "and launch micro-benchmarks, then timing against cuDNN, in one call. Prints a short "
+        "summary table last.",
     )
     p.add_argument("--device", help="cuda[:N] or cpu (cpu: correctness under TRITON_INTERPRET)")
     lvl = p.add_mutually_exclusive_group()
-    lvl.add_argument("--quick", action="store_true", help="fewer checks, fastrnns+flashrnn bf16")
+    lvl.add_argument("--quick", action="store_true",
+                     help="fewer checks; bench flashrnn fp16/bf16 and fastrnns bf16")  # fmt: skip
     lvl.add_argument("--tiny", action="store_true", help="tiny sizes (CPU interpreter tests)")
     p.add_argument("--out", help="output folder (default $OUT, else gpu_check_out/<stamp>)")
-    p.add_argument("--no-bench", action="store_true", help="skip timing")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="seconds for the whole run (default 450, --quick 200, --tiny 300): each "
+                   "phase starts no new work past its share; what did not run is 'skipped', and "
+                   "the files and the table are written all the same")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, metavar="M", help="--budget-s in minutes")
+    p.add_argument("--plan", action="store_true",
+                   help="print the GPU plan: checks per stage x estimated seconds (a model), "
+                   "against the budget; run nothing")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="--plan, and list the tasks")
     p.add_argument("--no-correctness", action="store_true", help="skip the correctness checks")
-    p.add_argument("--no-extras", action="store_true", help="skip torch.compile and DDP checks")
+    p.add_argument("--no-paths", action="store_true",
+                   help="skip the path checks (auto, autotune, second order, compile, "
+                   "convert)")  # fmt: skip
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--no-bench", action="store_true", help="skip timing")
+    p.add_argument("--no-extras", action="store_true", help="skip the DDP and autocast checks")
     p.add_argument("--only", metavar="REGEX", help="run only checks whose id matches (re.search)")
     p.add_argument("--seed", type=int, help="base seed (default: random, recorded)")
     p.add_argument("--jobs", type=int, help="correctness workers at once (default: by CPUs)")
@@ -1589,13 +2662,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="worker crashes of a backend before its remaining checks are skipped",
     )
-    p.add_argument("--max-minutes", type=float, metavar="M",
-                   help="whole-run budget; unfinished checks are 'skipped' "
-                   "(default 7.5, --quick 2.8, --tiny 5)")  # fmt: skip
     p.add_argument(
         "--repeats",
         type=int,
-        help="runs per persistent check on the same inputs (default 3, --tiny 2)",
+        help="runs per persistent check on the same inputs (default 5, --tiny 2)",
     )
     p.add_argument("--tolerance-scale", type=float, default=1.0, metavar="F",
                    help="multiply every tolerance (0 makes any non-zero error fail: a self-test "
@@ -1607,7 +2677,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="bench only these suites (of the full plan)",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the plan's size and exit")
     p.add_argument("--label", help="free text recorded in env.json (e.g. the commit under test)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     # fault injection for this script's own tests: "hang:REGEX" or "crash:REGEX" makes a worker
@@ -1635,6 +2704,40 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt  # the supervisor kills its workers and the summary still prints
 
 
+# CPUs of the GPU machine the plan is made for (--plan on another machine); workers of the extras
+GPU_MACHINE_CPUS = 16
+EXTRA_LANES = 2
+
+
+def _workers(device, cpus: int | None = None) -> tuple[int, int, int]:
+    """(correctness workers, path-check lanes, compile warm-up workers) for this machine: on a
+    GPU machine Triton compiles dominate and run on the CPUs; on a CPU one worker each."""
+    cpus = cpus or os.cpu_count() or 2
+    if device.type != "cuda":
+        return 1, 1, 0
+    return max(1, min(4, cpus // 4)), 2, max(1, min(4, cpus // 4))
+
+
+def print_plan(plan: Plan, level: str, budget_s: float, workers: tuple[int, int, int],
+               tasks: bool = False) -> float:  # fmt: skip
+    """The plan's stages with their item counts and estimated seconds (EST: a model of the GPU
+    machine, not a measurement) for `workers` = `_workers(...)`; returns the estimated total."""
+    jobs, path_lanes, warmers = workers
+    rows = estimate(plan, level, jobs + (path_lanes if plan.paths else 0), warmers, EXTRA_LANES)
+    total = sum(s for _, _, s, _ in rows)
+    print(f"plan ({level}) on a GPU, estimated (a model, not a measurement): "
+          f"{total:.0f} s of a {budget_s:.0f} s budget")  # fmt: skip
+    for stage, n, sec, how in rows:
+        end = f"(ends by {PHASE_END[stage]:.0%} of the budget)" if stage in PHASE_END else ""
+        print(f"  {stage:<12} {n:>5} items  ~{sec:>5.0f} s  {how} {end}".rstrip())
+    if tasks:
+        for phase in ("correctness", "paths", "micro", "bench", "extras"):
+            for t in getattr(plan, phase):
+                print(f"  {phase}: {t['id']}: " + ", ".join(c["id"].rsplit("/", 1)[-1]
+                                                          for c in t["checks"]))  # fmt: skip
+    return total
+
+
 def _main(parser, args, argv) -> int:
     t_start = _now()
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -1645,11 +2748,20 @@ def _main(parser, args, argv) -> int:
 
     from .cli import _resolve_device
 
-    device = _resolve_device(parser, args.device)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be >= 1")
-    budget_min = args.max_minutes or BUDGET_MIN[level]
+    budget_s = args.budget_s or (args.max_minutes * 60 if args.max_minutes else BUDGET_S[level])
+    if budget_s <= 0:
+        parser.error("--budget-s must be positive")
     args.hang_timeout = args.hang_timeout or HANG_TIMEOUT_S[level]
+    if args.plan or args.dry_run:  # the GPU plan, whatever this machine has
+        cuda = torch.device("cuda")
+        plan = plan_tasks(args, cuda, level, 0)
+        jobs, path_lanes, warmers = _workers(cuda, GPU_MACHINE_CPUS)
+        print_plan(plan, level, budget_s, (args.jobs or jobs, path_lanes, warmers),
+                   tasks=args.dry_run)  # fmt: skip
+        return 0
+    device = _resolve_device(parser, args.device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or os.environ.get("OUT") or Path("gpu_check_out") / stamp)
     out.mkdir(parents=True, exist_ok=True)
@@ -1658,177 +2770,271 @@ def _main(parser, args, argv) -> int:
     old_out, old_err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
     try:
-        return _run(args, argv, level, device, out, t_start, budget_min, torch)
+        return _run(args, argv, level, device, out, t_start, budget_s)
     finally:
         sys.stdout.flush()
         sys.stdout, sys.stderr = old_out, old_err
         log.close()
 
 
-def _run(args, argv, level, device, out: Path, t_start, budget_min, torch) -> int:
+# the files a run writes (at most 8, flat, names of letters, digits and ._-: what a GPU machine's
+# output folder returns)
+FILES = ("env.json", "correctness.json", "micro.json", "bench.json", "bench.csv", "policy.json",
+         "summary.txt", "gpu_check.log")  # fmt: skip
+_BAD = {"fail", "race", "hang", "crash", "error"}
+
+
+class _Results:
+    """Rows as they arrive, and the files they go to (rewritten at most every 2 s while a phase
+    runs, and at every phase's end: a run cut short keeps what finished)."""
+
+    def __init__(self, out: Path, meta: dict, bmeta: dict, rank: dict):
+        self.out, self.meta, self.bmeta, self.rank = out, meta, bmeta, rank
+        self.rows = {k: [] for k in ("correctness", "path", "extra", "micro", "warm")}
+        self.bench: list = []  # (check id, runner Row)
+        self.graph_stats: dict = {}
+        self.count = 0
+        self._last: dict = {}
+
+    def _due(self, what: str, force: bool) -> bool:
+        if force or _now() - self._last.get(what, 0.0) > 2.0:
+            self._last[what] = _now()
+            return True
+        return False
+
+    def _ordered(self, rows: list[dict]) -> list[dict]:
+        return sorted(rows, key=lambda r: self.rank.get(r["id"], 1e9))
+
+    def write_correctness(self, force: bool = False) -> None:
+        if self._due("correctness", force):
+            doc = {"meta": {k: self.meta.get(k) for k in ("date_utc", "device_name", "level",
+                                                           "base_seed")},
+                   "tolerances": {k: {"tol": v[0], "reason": v[1]} for k, v in TOLERANCES.items()},
+                   "rows": self._ordered(self.rows["correctness"]),
+                   "paths": self._ordered(self.rows["path"]),
+                   "extras": self._ordered(self.rows["extra"]),
+                   "bench_warmup": [r for r in self.rows["warm"]
+                                    if r["status"] != "ok"]}  # fmt: skip
+            _write_json(self.out / "correctness.json", doc,
+                        ("rows", "paths", "extras", "bench_warmup"))  # fmt: skip
+
+    def write_micro(self, force: bool = False) -> None:
+        if self._due("micro", force):
+            doc = {"meta": {k: self.meta.get(k) for k in ("date_utc", "device_name", "level")},
+                   "note": "fused_rnn.bench.barrier_bench: the grid barrier per crossing (ns) "
+                           "and the launch floor (µs per launch); off CUDA the interpreter's "
+                           "times, not a GPU's",
+                   "rows": self._ordered(self.rows["micro"])}  # fmt: skip
+            _write_json(self.out / "micro.json", doc, ("rows",))
+
+    def write_bench(self, force: bool = False) -> list:
+        from . import report
+
+        rows = [r for _, r in sorted(self.bench, key=lambda ir: self.rank.get(ir[0], 1e9))]
+        if self._due("bench", force) and self.bench:
+            self.bmeta["graph_stats"] = self.graph_stats
+            report.write_json(self.out / "bench.json", self.bmeta, rows)
+            report.write_csv(self.out / "bench.csv", rows)
+        return rows
+
+
+def _run(args, argv, level, device, out: Path, t_start, budget_s) -> int:
+    from . import report
+
     base_seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     meta = collect_env(device, args, argv)
     meta["level"], meta["base_seed"], meta["label"] = level, base_seed, args.label
+    meta["budget_s"] = budget_s
     _print_env(meta)
-    corr, extras, warm, bench, pre = plan_tasks(args, device, level, base_seed)
+    plan = plan_tasks(args, device, level, base_seed)
     if args.no_correctness:
-        corr, extras = [], []
-        pre = [p for p in pre if p[0] not in ("correctness", "extra")]
-    n_checks = sum(len(t["checks"]) for t in corr)
-    print(
-        f"plan: {level}; {n_checks} correctness checks in {len(corr)} tasks "
-        f"(+{sum(1 for p in pre if p[0] == 'correctness')} unavailable), {len(extras)} extras, "
-        f"{len(bench)} bench configs ({len(warm)} compile warm-ups); seed {base_seed}; "
-        f"budget {budget_min:g} min; out {out}"
-    )
-    if args.dry_run:
-        for t in corr:
-            print("  " + t["id"] + ": " + ", ".join(c["backend"] for c in t["checks"]))
-        return 0
+        plan.correctness = []
+        plan.pre = [p for p in plan.pre if p[0] != "correctness"]
+    jobs, path_lanes, n_warm = _workers(device)
+    jobs = args.jobs or jobs
+    est = None
+    if device.type == "cuda":
+        est = print_plan(plan, level, budget_s, (jobs, path_lanes, n_warm))
+    meta["estimate_s"] = est
+    print(f"run: {level} on {device}; correctness {plan.checks('correctness')} checks in "
+          f"{len(plan.correctness)} tasks, paths {plan.checks('paths')}, micro "
+          f"{plan.checks('micro')}, bench {len(plan.bench)} configs ({len(plan.warm)} compile "
+          f"warm-ups), extras {plan.checks('extras')} (+{len(plan.pre)} unavailable here); seed "
+          f"{base_seed}; budget {budget_s:.0f} s; out {out}")  # fmt: skip
 
     cpus = os.cpu_count() or 2
-    jobs = args.jobs or (max(1, min(4, cpus // 4)) if device.type == "cuda" else 1)
-    n_warm = 0 if not warm else max(1, min(2, cpus // 8))
-    n_proc = jobs + (1 if extras else 0) + n_warm
-    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    corr_env = dict(base_env)
-    if not args.no_poison:
-        corr_env["FUSED_RNN_POISON"] = "1"
-    time_env = {k: v for k, v in base_env.items() if k != "FUSED_RNN_POISON"}
+    n_proc = jobs + (path_lanes if plan.paths else 0) + (n_warm if plan.warm else 0)
+    # NaN-poisoned kernel outputs for the checks, never for timing: set per task in the worker
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_POISON"}
+    env["PYTHONUNBUFFERED"] = "1"
+    for ph in ("correctness", "paths", "extras", "micro", "bench", "warm"):
+        for t in getattr(plan, ph):
+            t["poison"] = ph in ("correctness", "paths", "extras") and not args.no_poison
     common = {
         "device": str(device), "threads": max(1, cpus // max(1, n_proc)),
-        "repeats": args.repeats or (2 if level == "tiny" else 3),
+        "repeats": args.repeats or (2 if level == "tiny" else 5),
         "bench_timing": BENCH_TIMING[level], "inject": args.inject,
     }  # fmt: skip
     env_path = out / "env.json"
     _write_json(env_path, meta)
 
-    # results, written as they arrive
-    corr_rows: list[dict] = []
-    extra_rows: list[dict] = []
-    warm_rows: list[dict] = []
-    bench_rows: list = []
-    bench_ids: list[str] = []
-    state = {"last_write": 0.0, "last_bench": 0.0, "count": 0}
-    total = n_checks + len(extras)
-    rank = {c["id"]: i for i, c in enumerate(c for t in corr + extras for c in t["checks"])}
-    bench_rank = {c["id"]: i for i, c in enumerate(c for t in bench for c in t["checks"])}
-    from . import report
-
+    order = [c["id"] for ph in ("correctness", "paths", "micro", "bench", "extras")
+             for t in getattr(plan, ph) for c in t["checks"]]  # fmt: skip
+    order += [row["id"] for _, row, _ in plan.pre]
     bmeta = report.metadata(device, ["python", "-m", "fused_rnn.bench.gpu_check", *argv],
                             {"level": level, "bench_timing": BENCH_TIMING[level]})  # fmt: skip
     bmeta["tool"] = "fused_rnn.bench.gpu_check"
-
-    def write_bench(force=False):
-        """bench.json and bench.csv through fused_rnn.bench.report, rows in plan order."""
-        if force or _now() - state["last_bench"] > 2.0:
-            state["last_bench"] = _now()
-            order = sorted(range(len(bench_rows)), key=lambda i: bench_rank.get(bench_ids[i], 1e9))
-            rows = [bench_rows[i] for i in order]
-            bmeta["warmup_problems"] = [r for r in warm_rows if r["status"] != "ok"]
-            report.write_json(out / "bench.json", bmeta, rows)
-            report.write_csv(out / "bench.csv", rows)
-            return rows
-
-    def write_corr(force=False):
-        if force or _now() - state["last_write"] > 2.0:
-            state["last_write"] = _now()
-            if force:  # the final file in plan order (rows arrive interleaved from the workers)
-                corr_rows.sort(key=lambda r: rank.get(r["id"], 1e9))
-                extra_rows.sort(key=lambda r: rank.get(r["id"], 1e9))
-            doc = {"meta": {k: meta[k] for k in ("date_utc", "device_name", "level", "base_seed")},
-                   "tolerances": {k: {"tol": v[0], "reason": v[1]} for k, v in TOLERANCES.items()},
-                   "rows": corr_rows, "extras": extra_rows, "bench_warmup": warm_rows}  # fmt: skip
-            _write_json(out / "correctness.json", doc, ("rows", "extras", "bench_warmup"))
+    res = _Results(out, meta, bmeta, {cid: i for i, cid in enumerate(order)})
+    total = plan.checks("correctness") + plan.checks("paths") + plan.checks("extras")
 
     def sink(kind, row, task):
-        if kind == "correctness":
-            corr_rows.append(row)
-        elif kind == "extra":
-            extra_rows.append(row)
-        elif kind == "warm":
-            warm_rows.append(row)
+        if kind == "warm":
+            res.rows["warm"].append(row)
             if row["status"] != "ok":
                 print(f"  warm-up {row['status']}: {row['id']} {_short(row.get('message'), 150)}")
             return
-        else:
+        if kind == "bench":
             r = _bench_row(row, task)
-            bench_rows.append(r)
-            bench_ids.append(row["id"])
+            res.bench.append((row["id"], r))
+            if row.get("graphs"):
+                res.graph_stats[row["id"]] = row["graphs"]
             print(f"  bench {row['id']:<44} {r.status:<11} torch.nn {_num(r.torch_ms)} ms, "
                   f"fused {_num(r.fused_ms)} ms, x {_num(r.ratio, 2)}")  # fmt: skip
-            write_bench()
+            res.write_bench()
+            return
+        res.rows[kind].append(row)
+        if kind == "micro":
+            print(
+                f"  micro {row['id']:<16} {row['status']:<11} "
+                f"{_short(row.get('reason') or row.get('message') or _micro_brief(row), 100)}"
+            )
+            res.write_micro()
             return
         if row["status"] != "unavailable":
-            state["count"] += 1
+            res.count += 1
         err = row.get("max_rel_err")
         base = row.get("baseline_max_rel_err")
         extra = f"err {_fmt_err(err)}" + (f" (base {_fmt_err(base)})" if base is not None else "")
-        count = f"{state['count']:>4}" if row["status"] != "unavailable" else "   -"
+        count = f"{res.count:>4}" if row["status"] != "unavailable" else "   -"
         print(f"[{count}/{total}] {row['status'].upper():<11} {row['id']:<40} "
               f"{extra:<28} {_short(row.get('message', ''), 90)}")  # fmt: skip
-        write_corr()
+        res.write_correctness()
 
-    for kind, row, task in pre:
+    for kind, row, task in plan.pre:
         sink(kind, row, task)
 
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     sup = Supervisor(args, device, common, workdir, sink)
-    budget_s = budget_min * 60
-    phase1_end = t_start + budget_s * (PHASE1_SHARE if bench else 0.97)
-    lanes: list[Lane] = []
-    if corr or extras or warm:
-        print(
-            f"--- correctness: {jobs} worker(s), {n_warm} compile warm-up worker(s)"
-            f"{', 1 extras worker' if extras else ''}; {common['threads']} CPU threads each"
-        )
-        for j in range(jobs):
-            lanes.append(Lane(f"c{j}", corr[j::jobs], corr_env))
-        if extras:
-            lanes.append(Lane("x", extras, corr_env))
-        for j in range(n_warm):
-            lanes.append(Lane(f"w{j}", warm[j::n_warm], time_env))
-        sup.run(lanes, phase1_end, "correctness")
-    write_corr(force=True)
-    t_corr = _now() - t_start
+    t_end = t_start + budget_s
+    times = {}
 
-    if bench and sup.interrupted:
-        print(f"{PROG}: interrupted: no bench")
-        bench = []
-    if bench:
-        print(f"--- bench: {len(bench)} configs, one worker, nothing else running "
-              f"(warmup, max reps, s per side = {BENCH_TIMING[level]})")  # fmt: skip
-        lane = Lane("b", bench, time_env)
-        sup.run([lane], t_start + budget_s * 0.97, "bench")
-        bench_rows[:] = write_bench(force=True)
-        if bench_rows:
-            print(
-                report.format_table(bench_rows, header="full bench table (fused_rnn.bench.report)")
-            )
+    def phase(name: str, lanes: list[Lane]) -> None:
+        lanes = [ln for ln in lanes if ln.pending]
+        if not lanes:
+            return
+        t0 = _now()
+        soft = t_start + PHASE_END[name] * budget_s
+        hard = min(soft + PHASE_GRACE_S, t_end) if name != "extras" else t_end
+        if sup.interrupted:
+            soft = hard = t0
+        workers = ", ".join(f"{ln.name}: {len(ln.pending)}" for ln in lanes)
+        print(f"--- {name}: tasks per worker {workers}; starts nothing new after "
+              f"{max(0.0, soft - t0):.0f} s")  # fmt: skip
+        sup.run(lanes, soft, hard, name)
+        times[name] = round(_now() - t0, 1)
+        res.write_correctness(force=True)
+        res.write_micro(force=True)
+        res.write_bench(force=True)
+
+    queues = _balance(plan.correctness + plan.paths, jobs + (path_lanes if plan.paths else 0))
+    lanes = [Lane(f"c{j}", q, env) for j, q in enumerate(queues)]
+    lanes += [Lane(f"w{j}", plan.warm[j::n_warm], env, optional=True)
+              for j in range(n_warm)]  # fmt: skip
+    phase("correctness", lanes)
+    # micro, bench and the first lane of the extras: one worker, alone on the device
+    chain = Lane("m", [], env)
+    chain.keep = True
+    chain.pending.extend(plan.micro)
+    phase("micro", [chain])
+    chain.name = "b"
+    chain.pending.extend(plan.bench)
+    phase("bench", [chain])
+    bench_rows = res.write_bench(force=True)
+    if bench_rows:
+        print(report.format_table(bench_rows, header="full bench table (fused_rnn.bench.report)"))
+    queues = _balance(plan.extras, EXTRA_LANES if device.type == "cuda" else 1)
+    chain.name = "x0"
+    chain.pending.extend(queues[0])
+    phase("extras", [chain] + [Lane(f"x{j}", q, env) for j, q in enumerate(queues) if j])
+    sup.close(chain)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    meta["runtime_s"] = {"correctness": round(t_corr, 1), "total": round(_now() - t_start, 1)}
+    policy_note = _write_policy(out, bench_rows) if bench_rows else None
+    meta["runtime_s"] = {**times, "total": round(_now() - t_start, 1)}
     meta["hangs"], meta["crashes"] = dict(sup.hangs), dict(sup.crashes)
     meta["skipped_backends"] = sup.tripped
+    meta["policy"] = policy_note
     _write_json(env_path, meta)
+    res.write_correctness(force=True)
+    res.write_micro(force=True)
 
-    # the summary, printed last
-    corr_bad = [r for r in corr_rows if r["status"] in _CORR_BAD]
-    extra_bad = [r for r in extra_rows if r["status"] in _CORR_BAD]
-    bench_bad = [r for r in bench_rows if r.status in ("error", "mismatch")]
+    lines, ok, incomplete = _summary(meta, res, bench_rows, sup, device, args, base_seed, out)
+    lines.append(_result_line(ok, incomplete, res, bench_rows, _now() - t_start, out))
+    text = "\n".join(lines)
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0 if ok and not incomplete else 1
+
+
+def _micro_brief(row: dict) -> str:
+    if row.get("stamp_median_ns") is not None:
+        return (f"{row['stamp_median_ns']:.0f} ns/crossing (stamps), "
+                f"{row['slope_median_ns']:.0f} (slope)")  # fmt: skip
+    if row.get("host_us") is not None:
+        dev = f", device {row['device_us']:.2f}" if row.get("device_us") is not None else ""
+        return f"host {row['host_us']:.2f} µs/launch{dev}"
+    if row.get("interpreter_ns_per_crossing") is not None:
+        return f"interpreter {row['interpreter_ns_per_crossing'] / 1e3:.0f} µs/crossing"
+    return ""
+
+
+def _write_policy(out: Path, bench_rows) -> str:
+    """policy.json from this run's bench.json (fused_rnn.bench.build_policy), or why not."""
+    from . import build_policy
+
+    try:
+        doc = json.loads((out / "bench.json").read_text())
+        policy = build_policy.build([("bench.json", doc)])
+    except (OSError, ValueError) as e:  # PolicyError is a ValueError: not a CUDA run
+        return f"not built: {_short(e, 200)}"
+    (out / "policy.json").write_text(build_policy.dumps(policy))
+    wins = collections.Counter(e["backend"] for e in policy["entries"].values())
+    return (f"policy.json: {len(policy['entries'])} keys (winners: "
+            f"{', '.join(f'{b} {n}' for b, n in sorted(wins.items())) or 'none'})")  # fmt: skip
+
+
+def _summary(meta, res: _Results, bench_rows, sup, device, args, base_seed, out):
+    """(the summary table's lines, nothing failed, something did not run)."""
     lines = ["", "=" * 30 + f" {PROG} summary " + "=" * 30]
     lines.append(
-        f"{meta.get('device_name')} | torch {meta['torch_version']} | triton "
-        f"{meta['triton_version']} | {meta['date_utc']} | git "
+        f"{meta.get('device_name')} | driver {meta.get('driver_version')} | CUDA "
+        f"{meta.get('cuda_version')} | cuDNN {meta.get('cudnn_version')} | torch "
+        f"{meta['torch_version']} | triton {meta['triton_version']} | {meta['date_utc']} | git "
         f"{meta.get('git_commit') or meta.get('git_commit_cwd') or 'unknown'} | src "
         f"{meta.get('source_sha256_16')} | seed {base_seed}"
         + (f" | {args.label}" if args.label else "")
     )
-    if corr_rows:
-        lines += _corr_summary(corr_rows, device.type)
-    lines += _extras_summary(extra_rows)
+    corr = res.rows["correctness"]
+    if corr:
+        lines += _corr_summary(corr, device.type)
+        lines += _paths_summary(corr)
+    lines += _checks_summary("paths (fp32, TF32 off):", res._ordered(res.rows["path"]))
+    lines += _micro_summary(res._ordered(res.rows["micro"]))
     if bench_rows:
         lines += _bench_summary(bench_rows, device.type)
+    lines += _checks_summary("extras:", res._ordered(res.rows["extra"]))
+    if meta.get("policy"):
+        lines.append(f"policy: {meta['policy']}")
     if sup.tripped:
         lines.append("skipped backends: " + "; ".join(sup.tripped.values()))
     if sup.interrupted:
@@ -1838,18 +3044,30 @@ def _run(args, argv, level, device, out: Path, t_start, budget_min, torch) -> in
     if device.type == "cuda" and no_stepwise:
         lines.append(f"NO STEPWISE BACKEND on CUDA for {', '.join(no_stepwise)}: "
                      f"{meta['backends'][no_stepwise[0]]['stepwise']}")  # fmt: skip
-    ok = not (corr_bad or extra_bad or bench_bad or sup.interrupted)
-    ok = ok and not (device.type == "cuda" and no_stepwise)
-    passed = sum(r["status"] == "pass" for r in corr_rows)
-    lines.append(
-        f"RESULT: {'PASS' if ok else 'FAIL'}: correctness {passed}/{len(corr_rows)} pass "
-        f"({len(corr_bad)} not passed, "
-        f"{sum(r['status'] == 'unavailable' for r in corr_rows)} unavailable), extras "
-        f"{len(extra_bad)} not passed, bench {len(bench_rows)} rows ({len(bench_bad)} failed); "
-        f"{_now() - t_start:.0f} s; files in {out}"
-    )
-    print("\n".join(lines))
-    return 0 if ok else 1
+    rows = [r for k in ("correctness", "path", "extra", "micro") for r in res.rows[k]]
+    bad = [r for r in rows if r["status"] in _BAD]
+    bad += [r for r in bench_rows if r.status in ("error", "mismatch")]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    skipped += [r for r in bench_rows if r.status == "skipped"]
+    ok = not bad and not (device.type == "cuda" and no_stepwise)
+    return lines, ok, bool(skipped) or sup.interrupted
+
+
+def _result_line(ok: bool, incomplete: bool, res: _Results, bench_rows, seconds, out) -> str:
+    def tally(rows):
+        c = collections.Counter(r["status"] for r in rows)
+        return f"{c.get('pass', 0)}/{len(rows)} pass" + "".join(
+            f", {n} {s}" for s, n in sorted(c.items()) if s not in ("pass",)
+        )
+
+    verdict = "FAIL" if not ok else "INCOMPLETE" if incomplete else "PASS"
+    bench_bad = sum(r.status in ("error", "mismatch") for r in bench_rows)
+    bench_skip = sum(r.status == "skipped" for r in bench_rows)
+    return (f"RESULT: {verdict}: correctness {tally(res.rows['correctness'])}; paths "
+            f"{tally(res.rows['path'])}; micro {len(res.rows['micro'])} rows "
+            f"({sum(r['status'] in _BAD for r in res.rows['micro'])} failed); bench "
+            f"{len(bench_rows)} rows ({bench_bad} failed, {bench_skip} skipped); extras "
+            f"{tally(res.rows['extra'])}; {seconds:.0f} s; files in {out}")  # fmt: skip
 
 
 if __name__ == "__main__":
