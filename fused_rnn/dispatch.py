@@ -817,9 +817,10 @@ _timer: Callable[..., float] = cuda_event_timer
 
 def _tune(p: Problem, key: str, device: torch.device, env: str, allowed) -> dict:
     """Times every allowed candidate on `p`'s sizes and stores the result under (env, key)."""
-    global _TUNING
+    global _TUNING, _RECORDS
     ms, errors = {}, {}
-    _TUNING = True
+    # the timing runs' own decisions are not the caller's: explain records none of them
+    _TUNING, records, _RECORDS = True, _RECORDS, None
     try:
         for b in CANDIDATES:
             if b not in allowed:
@@ -829,7 +830,7 @@ def _tune(p: Problem, key: str, device: torch.device, env: str, allowed) -> dict
             except Exception as e:  # a candidate that fails here cannot win
                 errors[b] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     finally:
-        _TUNING = False
+        _TUNING, _RECORDS = False, records
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entry = {"shapes": [{"shape": p.label(), "ms": ms}], "errors": errors, "date_utc": date}
     _CACHE.put(env, key, entry)
