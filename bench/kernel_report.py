@@ -14,10 +14,10 @@ constexprs, options and specialisations) and read back:
     regs      registers per thread, and stack bytes (spills), from `cuobjdump --dump-resource-usage`
     smem      shared memory per program (the compiled kernel's metadata)
     mma       wgmma (sm_90's warpgroup MMA), mma.sync, or none
-    per step  bar.sync, ld.global and the bytes those loads move per program, counted in the
-              PTX: persistent kernels in the body of their time loop (the batch-chunk loop inside
-              counted once, the grid barrier's spin once); stepwise kernels in the whole kernel,
-              a reduction loop's body counted once per trip
+    per step  bar.sync, global loads (ld.global and cp.async) and the bytes they move per
+              program, counted in the PTX: persistent kernels in the body of their time loop
+              (the batch-chunk loop inside counted once, the grid barrier's spin once);
+              stepwise kernels in the whole kernel, a reduction loop's body once per trip
     runs      for the persistent kernels, what `_common.refusal` says of the compiled kernel on
               a 132-SM sm_90 (H100 SXM, H200): co-residency, shared memory, spills
 
@@ -73,6 +73,8 @@ class Launch:
     persistent: bool
     onchip_bytes: int = 0  # the launcher's shared memory estimate (persistent)
     trips: int = 1  # stepwise: trips of the kernel's reduction loop(s)
+    tiles: str = ""  # the tiling, in words
+    alternatives: list = dataclasses.field(default_factory=list)  # persistent: next choices
 
 
 def _meta(shape, dtype):
@@ -100,12 +102,19 @@ def capture(cell: str, T: int, B: int, H: int, P: int, dtype, strategy: str,
     seen: dict = {}
     persistent = strategy == "persistent"
 
-    def fake_persistent(kernel, grid, *, barriers, onchip_bytes, device, **kwargs):
-        kwargs.setdefault("num_warps", _common.PERSISTENT_WARPS)
-        kwargs.update({k: v for k, v in _common.persistent_options().items() if k not in kwargs})
-        kwargs["cnt"] = _meta((1,), torch.int32)
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        caught.append(Launch(name, kernel, kwargs, grid, True, onchip_bytes))
+    def fake_persistent(kernel, tiles, *, barriers, device, **kwargs):
+        # every choice launch_persistent would try, in its order
+        names = _common._arg_names(kernel)
+        name = _jit_function(kernel).__name__
+        launches = []
+        for t in [tiles] if isinstance(tiles, _common.PersistentTiles) else tiles:
+            kw = {**kwargs, **{k: v for k, v in t.meta().items() if k in names or k == "num_warps"}}
+            kw.update({k: v for k, v in _common.persistent_options().items() if k not in kw})
+            kw["cnt"] = _meta((1,), torch.int32)
+            what = f"{t.units} units x {t.batch} seqs, K chunks <= {t.max_k}"
+            launches.append(Launch(name, kernel, kw, t.grid, True, t.onchip_bytes, tiles=what))
+        launches[0].alternatives = launches[1:]
+        caught.append(launches[0])
         return True
 
     real_run = triton.runtime.jit.JITFunction.run
@@ -116,7 +125,9 @@ def capture(cell: str, T: int, B: int, H: int, P: int, dtype, strategy: str,
         n = seen[self.__name__] = seen.get(self.__name__, 0) + 1
         if n == 2:
             g = grid(kwargs) if callable(grid) else grid
-            caught.append(Launch(self.__name__, self, dict(kwargs), tuple(g), False))
+            what = " x ".join(f"{k}={kwargs[k]}" for k in ("BLOCK_H", "BLOCK_P", "BLOCK_B")
+                              if k in kwargs)  # fmt: skip
+            caught.append(Launch(self.__name__, self, dict(kwargs), tuple(g), False, tiles=what))
 
     patches = [
         (_common, "device_props", lambda device: SM90),
@@ -136,7 +147,8 @@ def capture(cell: str, T: int, B: int, H: int, P: int, dtype, strategy: str,
             setattr(m, n, v)
         assert triton.runtime.jit.JITFunction.run is real_run
     for c in caught:
-        c.label = _label(c.label, cell)
+        for a in [c, *c.alternatives]:
+            a.label = _label(a.label, cell)
         if not c.persistent:
             c.trips = _trips(c, H, P)
     caught = [c for c in caught if c.persistent == persistent]
@@ -404,6 +416,10 @@ def _count(instrs) -> dict:
             parts = op.split(".")
             width = int(parts[-2][1:]) if parts[-2].startswith("v") else 1
             n["ld.bytes"] += width * _LD_BYTES.get(parts[-1], 4)
+        elif op.startswith("cp.async.") and ".shared.global" in op:
+            # cp.async.cg.shared.global [dst], [src], size(, src_size): pipelined loads
+            n["ld.global"] += 1
+            n["ld.bytes"] += int(s.split(",")[2].strip().rstrip(";"), 0)
     return n
 
 
@@ -414,7 +430,7 @@ def ptx_step_counts(ptx: str, persistent: bool, trips: int = 1) -> dict:
     barrier's `red.global`), each counted once. Stepwise: the whole kernel, an outermost loop's
     body counted `trips` times."""
     blocks = _blocks(ptx)
-    headers = [b[0] for b in blocks if "=>This Loop Header: Depth=1" in b[1]]
+    headers = [b[0] for b in blocks if re.search(r"=>\s*This (Inner )?Loop Header: Depth=1", b[1])]
     if persistent:
         for h in headers:
             body = [s for b in _loop(blocks, h) for s in b[2]]
@@ -433,19 +449,34 @@ def ptx_step_counts(ptx: str, persistent: bool, trips: int = 1) -> dict:
 
 
 @dataclasses.dataclass
+class Choice:
+    """One tiling of a launch, reduced to what compiling and judging it needs."""
+
+    spec: Spec | None
+    grid: tuple
+    onchip_bytes: int
+    tiles: str
+    error: str = ""
+
+
+@dataclasses.dataclass
 class Row:
     suite: str
     size: str
     dtype: str
     strategy: str
     label: str
-    grid: tuple
-    spec: Spec | None
     persistent: bool
     trips: int
-    onchip_bytes: int
+    choices: list  # [Choice]: the launcher's order; stepwise has one
+    taken: int = 0  # the choice reported: the first the launcher would launch
     result: Compiled | None = None
     error: str = ""
+    passed_over: str = ""  # why earlier choices were not taken
+
+    @property
+    def choice(self) -> Choice:
+        return self.choices[self.taken]
 
 
 # LSTM/GRU options at the flashrnn size (full run): they must compile without spills too
@@ -481,47 +512,66 @@ def _plan(suites, dtypes, strategies, variants: bool) -> list[Row]:
                 if variant and strategy != "persistent":
                     continue
                 for ln in capture(cell, T, B, H, P, tdt[dt], strategy, variant):
-                    try:
-                        spec, error = compile_spec(ln), ""
-                    except Exception as e:  # reported in the table, never hidden
-                        spec, error = None, f"{type(e).__name__}: {e}"
-                    rows.append(
-                        Row(name, size, dt, strategy, ln.label, ln.grid, spec, ln.persistent,
-                            ln.trips, ln.onchip_bytes, error=error)
-                    )  # fmt: skip
+                    choices = []
+                    for a in [ln, *ln.alternatives]:
+                        try:
+                            choices.append(Choice(compile_spec(a), a.grid, a.onchip_bytes, a.tiles))
+                        except Exception as e:  # reported in the table, never hidden
+                            choices.append(Choice(None, a.grid, a.onchip_bytes, a.tiles,
+                                                  f"{type(e).__name__}: {e}"))  # fmt: skip
+                    rows.append(Row(name, size, dt, strategy, ln.label, ln.persistent, ln.trips,
+                                    choices))  # fmt: skip
     return rows
 
 
 def _compile_row(row: Row) -> Row:
-    if row.spec is None:
-        return row
-    try:
-        row.result = _compiled(row.spec, row.persistent, row.trips, row.grid, row.onchip_bytes)
-    except Exception as e:  # reported in the table, never hidden
-        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    """Compiles the row's choices in the launcher's order up to the first it would launch;
+    where none would, the row reports the first."""
+    notes, first = [], None
+    for i, c in enumerate(row.choices):
+        res, err = None, c.error
+        if c.spec is not None:
+            try:
+                res = _compiled(c.spec, row.persistent, row.trips, c.grid, c.onchip_bytes)
+            except Exception as e:  # reported in the table, never hidden
+                err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        first = first or (res, err)
+        if res is not None and (not row.persistent or res.verdict == "yes"):
+            row.taken, row.result, row.error, row.passed_over = i, res, "", "; ".join(notes)
+            return row
+        notes.append(f"{c.tiles}: {res.verdict.removeprefix('no: ') if res else err}")
+    row.taken, (row.result, row.error) = 0, first
+    row.passed_over = "; ".join(notes[1:]) and "every choice refused; also " + "; ".join(notes[1:])
     return row
 
 
 def format_rows(rows: Sequence[Row]) -> str:
-    """A markdown table of the compiled kernels."""
+    """A markdown table of the compiled kernels, and the choices the launcher passed over."""
     head = (
-        "| suite | size | kernel | dtype | grid | regs | stack (B) | smem (KB) | mma | "
-        "bar.sync / step | ld.global / step | KB loaded / step / program | runs |"
+        "| suite | size | kernel | dtype | tiles | grid | regs | stack (B) | smem (KB) | mma | "
+        "bar.sync / step | global loads / step | KB loaded / step / program | runs |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines, notes = [head, "|" + "---|" * 14], []
     for r in rows:
-        grid = "x".join(map(str, r.grid))
+        c = r.choice
+        grid = "x".join(map(str, c.grid))
         name = f"{r.label} ({r.strategy})"
+        start = f"| {r.suite} | {r.size} | {name} | {r.dtype} | {c.tiles} | {grid} |"
         if r.result is None:
-            lines.append(f"| {r.suite} | {r.size} | {name} | {r.dtype} | {grid} |" + " |" * 7
-                         + f" error: {r.error} |")  # fmt: skip
+            lines.append(start + " |" * 7 + f" error: {r.error} |")
             continue
-        c = r.result
-        lines.append(
-            f"| {r.suite} | {r.size} | {name} | {r.dtype} | {grid} | {c.regs} | {c.stack} | "
-            f"{c.smem / 1024:.0f} | {c.mma} | {c.bar_sync} | {c.ld_global} | "
-            f"{c.ld_bytes / 1024:.1f} | {c.verdict} |"
+        k = r.result
+        runs = k.verdict + (f" (choice {r.taken + 1})" if r.taken else "")
+        notes += (
+            [f"- {r.suite} {r.size} {name} {r.dtype}: {r.passed_over}"] if r.passed_over else []
         )
+        lines.append(
+            f"{start} {k.regs} | {k.stack} | {k.smem / 1024:.0f} | {k.mma} | {k.bar_sync} | "
+            f"{k.ld_global} | {k.ld_bytes / 1024:.1f} | {runs} |"
+        )
+    if notes:
+        lines += ["", "Tilings the launcher passes over, in its order (it tries the next):", ""]
+        lines += notes
     return "\n".join(lines)
 
 
@@ -567,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _as_dict(r: Row) -> dict:
     out = dict(suite=r.suite, size=r.size, kernel=r.label, strategy=r.strategy, dtype=r.dtype,
-               grid=list(r.grid), error=r.error)  # fmt: skip
+               tiles=r.choice.tiles, grid=list(r.choice.grid), choice=r.taken + 1,
+               passed_over=r.passed_over, error=r.error)  # fmt: skip
     if r.result is not None:
         out.update(dataclasses.asdict(r.result))
     return out

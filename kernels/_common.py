@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import os
 
 import torch
@@ -54,6 +53,7 @@ __all__ = [
     "padded_gates",
     "k_chunks",
     "persistent_tiles",
+    "persistent_tile_choices",
     "cooperative_launch_available",
     "persistent_options",
     "launch_persistent",
@@ -360,8 +360,14 @@ class PersistentTiles:
     def num_warps(self) -> int:
         return PERSISTENT_WARPS if self.mma_m <= MMA_M else 2 * PERSISTENT_WARPS
 
+    def meta(self) -> dict:
+        """The kernels' tile constexprs and warps (a kernel without a projection has no
+        BLOCK_P: `launch_persistent` passes only what the kernel takes)."""
+        return dict(BLOCK_U=self.units, BLOCK_P=self.rows, BLOCK_B=self.batch, MAX_K=self.max_k,
+                    num_warps=self.num_warps)  # fmt: skip
 
-def _tiles_at(H, B, P, G, elt, backward, units, rows, batch) -> PersistentTiles:
+
+def _tiles_at(H, B, P, G, elt, backward, units, rows, batch, max_k=None) -> PersistentTiles:
     """PersistentTiles for given block sizes, with the shared memory estimate."""
     GP = padded_gates(G)
     R = P or H
@@ -384,7 +390,8 @@ def _tiles_at(H, B, P, G, elt, backward, units, rows, batch) -> PersistentTiles:
     ms = [GP * (rows if backward and P else units)] + ([units if backward else rows] if P else [])
     # mma.sync (M < 64) unrolls a chunk's whole reduction per warp: narrow chunks keep
     # registers low (bench/NOTES.md)
-    max_k = 128 if min(ms) < MMA_M else PERSISTENT_MAX_K_BWD if backward else PERSISTENT_MAX_K
+    if max_k is None:
+        max_k = 128 if min(ms) < MMA_M else PERSISTENT_MAX_K_BWD if backward else PERSISTENT_MAX_K
     return PersistentTiles(units, rows if P else units, batch, n, onchip, max(ms), max_k)
 
 
@@ -442,6 +449,30 @@ def persistent_tiles(H: int, B: int, *, G: int, P: int = 0, elt: int = 2, backwa
     return within[0] if within else cands[-1]
 
 
+def persistent_tile_choices(H: int, B: int, *, G: int, P: int = 0, elt: int = 2,
+                            backward: bool = False, props: DeviceProps | None = None,
+                            units: int | None = None, batch: int | None = None):  # fmt: skip
+    """What `launch_persistent` tries, in order: `persistent_tiles`' choice, then the same units
+    with narrower reduction chunks, then narrower batch chunks. Registers are what runs out
+    (the operand staged each step passes through them): where a compiled choice spills, a
+    narrower one may not; narrower K chunks only cost a wgmma wait each, narrower batch chunks
+    read the weights from shared memory once more per step. Under the interpreter (props
+    None) or with forced sizes: the one choice."""
+    t = persistent_tiles(H, B, G=G, P=P, elt=elt, backward=backward, props=props, units=units,
+                         batch=batch)  # fmt: skip
+    if props is None or units is not None or batch is not None:
+        return [t]
+    lo = 16 if not backward else max(16 // padded_gates(G), 1)
+    out = [t]
+    for b in (t.batch, t.batch // 2, lo):
+        for k in (t.max_k, t.max_k // 2, 128):
+            if b >= lo and 128 <= k <= t.max_k:
+                c = _tiles_at(H, B, P, G, elt, backward, t.units, t.rows, b, k)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
 @functools.cache
 def _cuda_launch_options() -> frozenset:
     try:
@@ -486,59 +517,82 @@ def persistent_options() -> dict:
     return {k: v for k, v in out.items() if k in options}
 
 
-def launch_persistent(kernel, grid, *, barriers: int, onchip_bytes: int, device, **kwargs) -> bool:
-    """Launches persistent `kernel` on `grid` with a fresh zeroed barrier counter `cnt`.
+def _arg_names(kernel):
+    while kernel is not None and not hasattr(kernel, "arg_names"):
+        kernel = getattr(kernel, "fn", None)
+    return getattr(kernel, "arg_names", None)
 
-    Returns False, launching nothing, when the launch cannot be made safe: `choose` rejects it
-    (the grid could not be co-resident, one program's shared memory does not fit on chip, or
-    the kernel spills), the installed Triton has no cooperative launch (before 3.2: without it
-    nothing guarantees co-residency and a grid barrier could hang), or the driver refuses the
-    cooperative launch (MPS or green contexts limiting the SMs). The caller then runs the
-    stepwise kernels. `barriers` is the number of grid barriers the kernel crosses.
-    Launch options: PERSISTENT_WARPS warps unless given, maxnreg, cooperative launch.
-    Refusals are logged (logger "fused_rnn.kernels": DEBUG, a driver refusal WARNING once).
+
+def launch_persistent(kernel, tiles, *, barriers: int, device, **kwargs) -> bool:
+    """Launches persistent `kernel` with a fresh zeroed barrier counter `cnt`, tiled as the
+    first of `tiles` (PersistentTiles, or a list of them in order of preference, from
+    `persistent_tile_choices`) that compiles within the limits.
+
+    Returns False, launching nothing, when the launch cannot be made safe: `choose` rejects
+    every choice (the grid could not be co-resident, one program's shared memory does not fit
+    on chip, or the compiled kernel spills), the installed Triton has no cooperative launch
+    (before 3.2: without it nothing guarantees co-residency and a grid barrier could hang), or
+    the driver refuses the cooperative launch (MPS or green contexts limiting the SMs). The
+    caller then runs the stepwise kernels. `barriers` is the number of grid barriers the kernel
+    crosses. Launch options: the tiles' warps, maxnreg, cooperative launch. Refusals are
+    logged (logger "fused_rnn.kernels": DEBUG, a driver refusal WARNING once).
     """
     name = getattr(getattr(kernel, "fn", kernel), "__name__", type(kernel).__name__)
-    programs = math.prod(grid)
-    kwargs.setdefault("num_warps", PERSISTENT_WARPS)
+    choices = [tiles] if isinstance(tiles, PersistentTiles) else list(tiles)
+    names = _arg_names(kernel)
+
+    def args(t):
+        meta = {
+            k: v for k, v in t.meta().items() if names is None or k in names or k == "num_warps"
+        }
+        return {**kwargs, **meta}
+
     if is_interpreter():
-        if programs > 1 and barriers > 0:
+        t = choices[0]
+        if t.programs > 1 and barriers > 0:
             raise RuntimeError(
                 "the interpreter runs programs one after another: a grid barrier over "
-                f"{programs} programs would never be reached by all of them"
+                f"{t.programs} programs would never be reached by all of them"
             )
-        kernel[grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **kwargs)
+        kernel[t.grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **args(t))
         return True
     if barriers > 0 and not cooperative_launch_available():
         return _refuse(name, "this Triton has no cooperative launch (3.2 or later has)")
     props = device_props(device)
-    cfg = PersistentConfig(programs, onchip_bytes)
-    why = refusal(props, None, cfg)
-    if why:
-        return _refuse(name, f"{why} (before compiling)")
     cnt = torch.zeros(1, dtype=torch.int32, device=device)  # monotonic: never reset, no ABA
-    kwargs.update({k: v for k, v in persistent_options().items() if k not in kwargs})
-    compiled = kernel.warmup(cnt=cnt, grid=grid, **kwargs)
-    try:
-        compiled._init_handles()  # loads the binary: fills n_regs / n_spills
-    except triton.runtime.errors.OutOfResources as e:
-        return _refuse(name, str(e))
-    res = KernelResources(
-        n_regs=compiled.n_regs,
-        shared=compiled.metadata.shared,
-        num_warps=compiled.metadata.num_warps,
-        n_spills=compiled.n_spills,
-    )
-    why = refusal(props, res, cfg)
-    if why:
-        return _refuse(name, f"{why}: {res}")
-    try:
-        kernel[grid](cnt=cnt, **kwargs)
-    except RuntimeError as e:
-        if not _is_launch_refusal(e):
-            raise
-        return _refuse(name, f"the driver refused the cooperative launch: {e}", warn=True)
-    return True
+    why = "no tiling"
+    for t in choices:
+        cfg = PersistentConfig(t.programs, t.onchip_bytes)
+        why = refusal(props, None, cfg)
+        if why:
+            why = f"{t}: {why} (before compiling)"
+            continue
+        kw = args(t)
+        kw.update({k: v for k, v in persistent_options().items() if k not in kw})
+        compiled = kernel.warmup(cnt=cnt, grid=t.grid, **kw)
+        try:
+            compiled._init_handles()  # loads the binary: fills n_regs / n_spills
+        except triton.runtime.errors.OutOfResources as e:
+            why = f"{t}: {e}"
+            continue
+        res = KernelResources(
+            n_regs=compiled.n_regs,
+            shared=compiled.metadata.shared,
+            num_warps=compiled.metadata.num_warps,
+            n_spills=compiled.n_spills,
+        )
+        why = refusal(props, res, cfg)
+        if why:
+            why = f"{t}: {why}: {res}"
+            continue
+        try:
+            kernel[t.grid](cnt=cnt, **kw)
+        except RuntimeError as e:
+            if not _is_launch_refusal(e):
+                raise
+            return _refuse(name, f"the driver refused the cooperative launch: {e}", warn=True)
+        return True
+    return _refuse(name, why)
 
 
 # --------------------------------------------------------------------------- jit helpers

@@ -87,7 +87,7 @@ from ._common import (
     is_interpreter,
     launch_persistent,
     new_output,
-    persistent_tiles,
+    persistent_tile_choices,
 )
 
 __all__ = [
@@ -577,16 +577,11 @@ def _tiles(B: int, H: int):
     return grid, meta, _NUM_WARPS
 
 
-def _persistent_meta(B: int, H: int, cell: int, x, backward: bool):
-    """(tiles, launch keywords: tile constexprs and warps) of a persistent kernel."""
+def _persistent_tiles(B: int, H: int, cell: int, x, backward: bool):
+    """The tilings a persistent launch tries, in order (_common.persistent_tile_choices)."""
     props = None if is_interpreter() else device_props(x.device)
     G = 3 if cell == CELL_GRU else 1
-    tiles = persistent_tiles(H, B, G=G, elt=x.element_size(), backward=backward, props=props)
-    meta = dict(
-        BLOCK_U=tiles.units, BLOCK_B=tiles.batch, MAX_K=tiles.max_k,
-        num_warps=tiles.num_warps,
-    )  # fmt: skip
-    return tiles, meta
+    return persistent_tile_choices(H, B, G=G, elt=x.element_size(), backward=backward, props=props)
 
 
 def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
@@ -603,11 +598,11 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     if persistent:
-        tiles, meta = _persistent_meta(B, H, cell, gx, backward=False)
+        tiles = _persistent_tiles(B, H, cell, gx, backward=False)
         if launch_persistent(
-            _fwd_persistent_kernel, tiles.grid, barriers=T - 1, device=gx.device,
-            onchip_bytes=tiles.onchip_bytes, gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn,
-            lengths=lengths, y=y, ws=ws, T=T, B=B, H=H, REVERSE=reverse, **kw, **meta,
+            _fwd_persistent_kernel, tiles, barriers=T - 1, device=gx.device, gx=gx, hs=hs,
+            w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws, T=T, B=B, H=H, REVERSE=reverse,
+            **kw,
         ):  # fmt: skip
             return y, hs, ws
     grid, meta, warps = _tiles(B, H)
@@ -637,11 +632,11 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
     if persistent:
         # the GRU's dgh = dr | dz | dhn of a step in one slab (dhn: its n block, a view)
         dgh = new_output((T, B, G * H), dt, dy.device) if cell == CELL_GRU else None
-        tiles, meta = _persistent_meta(B, H, cell, dy, backward=True)
+        tiles = _persistent_tiles(B, H, cell, dy, backward=True)
         ran = launch_persistent(
-            _bwd_persistent_kernel, tiles.grid, barriers=T - 1, device=dy.device,
-            onchip_bytes=tiles.onchip_bytes, dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths,
-            carry=carry, dgx=dgx, dgh=dgh, T=T, B=B, H=H, REVERSE=reverse, **kw, **meta,
+            _bwd_persistent_kernel, tiles, barriers=T - 1, device=dy.device, dy=dy, hs=hs, ws=ws,
+            w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dgh=dgh, T=T, B=B, H=H,
+            REVERSE=reverse, **kw,
         )  # fmt: skip
         dhn = dgh[..., 2 * H :] if ran and cell == CELL_GRU else None
         if ran and need_h0:

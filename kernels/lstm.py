@@ -94,7 +94,7 @@ from ._common import (
     launch_persistent,
     new_output,
     num_warps,
-    persistent_tiles,
+    persistent_tile_choices,
 )
 
 __all__ = ["lstm_fwd", "lstm_bwd"]
@@ -837,28 +837,25 @@ def _stepwise_meta(B: int, N: int, K: int, block: str):
     return (triton.cdiv(N, BLOCK_N), n_b), dict(meta, num_warps=num_warps(BLOCK_N, BLOCK_B))
 
 
-def _persistent_meta(H: int, B: int, G: int, P: int, x, backward: bool):
-    """(tiles, launch keywords: tile constexprs and warps) of a persistent kernel."""
+def _persistent_tiles(H: int, B: int, G: int, P: int, x, backward: bool):
+    """The tilings a persistent launch tries, in order (_common.persistent_tile_choices)."""
     props = None if is_interpreter() else device_props(x.device)
-    tiles = persistent_tiles(H, B, G=G, P=P, elt=x.element_size(), backward=backward, props=props)
-    meta = dict(
-        BLOCK_U=tiles.units, BLOCK_P=tiles.rows, BLOCK_B=tiles.batch, MAX_K=tiles.max_k,
-        num_warps=tiles.num_warps,
-    )  # fmt: skip
-    return tiles, meta
+    return persistent_tile_choices(
+        H, B, G=G, P=P, elt=x.element_size(), backward=backward, props=props
+    )
 
 
 def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled):
     """One persistent launch over the sequence; False (nothing run) if it cannot run safely."""
     T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     proj = w_hr is not None
-    tiles, meta = _persistent_meta(H, B, G, R if proj else 0, gx, backward=False)
+    tiles = _persistent_tiles(H, B, G, R if proj else 0, gx, backward=False)
     return launch_persistent(
-        _lstm_fwd_persistent_kernel, tiles.grid, barriers=(2 * T - 1 if proj else T - 1),
-        onchip_bytes=tiles.onchip_bytes, device=gx.device,
+        _lstm_fwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
+        device=gx.device,
         gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
         lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled, REVERSE=reverse,
-        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype), **meta,
+        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype),
     )  # fmt: skip
 
 
@@ -908,13 +905,13 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
     safely. Leaves in dh and dc what the stepwise loop leaves there."""
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     proj = w_hr is not None
-    tiles, meta = _persistent_meta(H, B, G, R if proj else 0, dy, backward=True)
+    tiles = _persistent_tiles(H, B, G, R if proj else 0, dy, backward=True)
     return launch_persistent(
-        _lstm_bwd_persistent_kernel, tiles.grid, barriers=(2 * T - 1 if proj else T - 1),
-        onchip_bytes=tiles.onchip_bytes, device=dy.device,
+        _lstm_bwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
+        device=dy.device,
         dgx=dgx, gates=gates, cs=cs, dh=dh, dc=dc, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
         w_ch=w_ch, lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled,
-        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype), **meta,
+        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype),
     )  # fmt: skip
 
 

@@ -147,10 +147,10 @@ def _force_tiles(monkeypatch, units=None, batch=None, batch_bwd=None):
 
     def tiles(H, B, **kw):
         b = batch_bwd if kw.get("backward") and batch_bwd is not None else batch
-        return _common.persistent_tiles(H, B, units=units, batch=b, **kw)
+        return _common.persistent_tile_choices(H, B, units=units, batch=b, **kw)
 
-    monkeypatch.setattr(lstm_mod, "persistent_tiles", tiles)
-    monkeypatch.setattr(gru_mod, "persistent_tiles", tiles)
+    monkeypatch.setattr(lstm_mod, "persistent_tile_choices", tiles)
+    monkeypatch.setattr(gru_mod, "persistent_tile_choices", tiles)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="tiles are the interpreter's single program")
@@ -205,7 +205,7 @@ def test_falls_back_to_stepwise(mode, monkeypatch):
     """When the persistent launch is refused the stepwise kernels give the same results."""
     launched = []
 
-    def refuse(kernel, grid, **kw):
+    def refuse(kernel, tiles, **kw):
         launched.append(kernel)
         return False
 
@@ -470,24 +470,29 @@ def test_persistent_tiles_huge_batch_returns(B):
 
 
 class _FakeCompiled:
-    """What `kernel.warmup` returns: resources of a kernel that fits (one program per SM)."""
+    """What `kernel.warmup` returns: resources of a kernel that fits (one program per SM),
+    with `n_spills` bytes of spills."""
 
-    n_regs, n_spills = 200, 0
+    n_regs = 200
     metadata = type("Meta", (), {"shared": 120 * 1024, "num_warps": 4})
+
+    def __init__(self, n_spills=0):
+        self.n_spills = n_spills
 
     def _init_handles(self):
         pass
 
 
 class _FakeKernel:
-    """A persistent kernel whose launch is recorded, or refused with `error`."""
+    """A persistent kernel whose launch is recorded, or refused with `error`; compiled with
+    the batch chunks in `spill` it spills."""
 
-    def __init__(self, error=None):
-        self.error, self.launched, self.compiled = error, [], []
+    def __init__(self, error=None, spill=()):
+        self.error, self.spill, self.launched, self.compiled = error, spill, [], []
 
     def warmup(self, *, grid, **kwargs):
         self.compiled.append(kwargs)
-        return _FakeCompiled()
+        return _FakeCompiled(n_spills=64 if kwargs["BLOCK_B"] in self.spill else 0)
 
     def __getitem__(self, grid):
         def launch(**kwargs):
@@ -510,11 +515,29 @@ def test_launch_is_cooperative(fake_gpu):
     """A launch that fits goes out cooperatively (the driver refuses a grid that cannot be
     co-resident instead of hanging it), with maxnreg and a fresh zeroed counter."""
     k = _FakeKernel()
-    assert _common.launch_persistent(k, (48,), barriers=9, onchip_bytes=1024, device="cpu")
+    assert _common.launch_persistent(k, _tiles(48), barriers=9, device="cpu", x=1)
     ((grid, kwargs),) = k.launched
     assert grid == (48,) and kwargs["launch_cooperative_grid"] is True
     assert kwargs["num_warps"] == _common.PERSISTENT_WARPS and kwargs["maxnreg"] == 255
-    assert kwargs["cnt"].tolist() == [0]
+    assert kwargs["cnt"].tolist() == [0] and kwargs["x"] == 1
+    assert (kwargs["BLOCK_U"], kwargs["BLOCK_B"], kwargs["MAX_K"]) == (16, 16, 512)
+
+
+def test_launch_tries_narrower_tiles_where_one_spills(fake_gpu):
+    """A compiled choice that spills is passed over for the next (narrower) one; if every
+    choice spills, nothing runs."""
+    choices = _common.persistent_tile_choices(512, 64, G=4, backward=True, props=H100)
+    assert choices[0] == _common.persistent_tiles(512, 64, G=4, backward=True, props=H100)
+    assert [c.units for c in choices] == [choices[0].units] * len(choices)
+    assert [(c.batch, c.max_k) for c in choices[:3]] == [(32, 256), (32, 128), (16, 256)]
+    k = _FakeKernel(spill=(32,))
+    assert _common.launch_persistent(k, choices, barriers=9, device="cpu")
+    assert [kw["BLOCK_B"] for kw in k.compiled] == [32, 32, 16]
+    ((grid, kwargs),) = k.launched
+    assert kwargs["BLOCK_B"] == 16 and kwargs["MAX_K"] == 256
+    k = _FakeKernel(spill={c.batch for c in choices})
+    assert not _common.launch_persistent(k, choices, barriers=9, device="cpu")
+    assert len(k.compiled) == len(choices) and not k.launched
 
 
 @pytest.mark.parametrize(
@@ -531,7 +554,7 @@ def test_launch_refused_by_the_driver_falls_back(fake_gpu, msg, caplog):
     k = _FakeKernel(RuntimeError(msg))
     with caplog.at_level(logging.WARNING, logger="fused_rnn.kernels"):
         for _ in range(2):
-            ok = _common.launch_persistent(k, (48,), barriers=9, onchip_bytes=1024, device="cpu")
+            ok = _common.launch_persistent(k, _tiles(48), barriers=9, device="cpu")
             assert ok is False
     assert len(k.compiled) == 2 and not k.launched
     (rec,) = [r for r in caplog.records if "refused the cooperative launch" in r.getMessage()]
@@ -542,7 +565,7 @@ def test_launch_other_errors_still_raise(fake_gpu):
     """Only a refusal falls back: any other launch error reaches the caller."""
     k = _FakeKernel(RuntimeError("Triton Error [CUDA]: an illegal memory access"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        _common.launch_persistent(k, (48,), barriers=9, onchip_bytes=1024, device="cpu")
+        _common.launch_persistent(k, _tiles(48), barriers=9, device="cpu")
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
@@ -553,14 +576,14 @@ def test_driver_refusal_runs_stepwise(mode, monkeypatch, fake_gpu):
     refused = []
     real = _common.launch_persistent
 
-    def refuse_on_gpu(kernel, grid, **kw):
+    def refuse_on_gpu(kernel, tiles, **kw):
         # the GPU branch of launch_persistent with the driver refusing, then back to the
         # interpreter for whatever runs next
         monkeypatch.setattr(_common, "is_interpreter", lambda: False)
         try:
             fake = _FakeKernel(RuntimeError("Triton Error [CUDA]: too many blocks in "
                                             "cooperative launch"))  # fmt: skip
-            ok = real(fake, grid, **kw)
+            ok = real(fake, tiles, **kw)
         finally:
             monkeypatch.setattr(_common, "is_interpreter", lambda: True)
         refused.append(ok)
@@ -580,12 +603,16 @@ def test_no_cooperative_launch_runs_stepwise(fake_gpu, monkeypatch, caplog):
     monkeypatch.setattr(_common, "_cuda_launch_options", lambda: frozenset({"num_warps"}))
     k = _FakeKernel()
     with caplog.at_level(logging.DEBUG, logger="fused_rnn.kernels"):
-        ok = _common.launch_persistent(k, (48,), barriers=9, onchip_bytes=1024, device="cpu")
+        ok = _common.launch_persistent(k, _tiles(48), barriers=9, device="cpu")
     assert ok is False and not k.compiled and not k.launched
     assert "no cooperative launch" in caplog.text
-    assert _common.launch_persistent(k, (48,), barriers=0, onchip_bytes=1024, device="cpu")
+    assert _common.launch_persistent(k, _tiles(48), barriers=0, device="cpu")
     ((grid, kwargs),) = k.launched
     assert "launch_cooperative_grid" not in kwargs and "maxnreg" not in kwargs
+
+
+def _tiles(programs, onchip_bytes=1024, batch=16):
+    return _common.PersistentTiles(16, 16, batch, programs, onchip_bytes, 64, 512)
 
 
 def test_launch_refused_before_compiling(monkeypatch):
@@ -601,12 +628,9 @@ def test_launch_refused_before_compiling(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("launched")
 
-    ok = _common.launch_persistent(Kernel(), (8, 1), barriers=3, onchip_bytes=1024, device="cpu")
-    assert ok is False
-    ok = _common.launch_persistent(
-        Kernel(), (2, 1), barriers=3, onchip_bytes=300 * 1024, device="cpu"
-    )
-    assert ok is False
+    assert _common.launch_persistent(Kernel(), _tiles(8), barriers=3, device="cpu") is False
+    big = _tiles(2, onchip_bytes=300 * 1024)
+    assert _common.launch_persistent(Kernel(), [big, big], barriers=3, device="cpu") is False
 
 
 def test_auto_stays_stepwise_until_validated(monkeypatch):
