@@ -399,8 +399,9 @@ def _fwd_persistent_kernel(
     """The whole forward sequence; program i_u owns units o_h for every sequence and keeps
     their rows of W_hh on chip. Barrier s waits for s * num_programs arrivals.
 
-    Step: one (GP BLOCK_U, H) x (H, BLOCK_B) product of the stacked rows [W_r; W_z; W_n; 0]
-    (GRU, GP = 4) or W (RNN, GP = 1) of the units with h_{t-1}^T, split into gate tiles."""
+    Step: one (GP BLOCK_U, H) x (H, BLOCK_B) product of the units' rows of W_r, W_z, W_n and a
+    zero block, interleaved (GRU, GP = 4, row 4 u + g), or of W (RNN, GP = 1) with h_{t-1}^T,
+    split into gate tiles."""
     G: tl.constexpr = 3 if CELL == 0 else 1
     GP: tl.constexpr = 4 if CELL == 0 else 1  # gate blocks on M (the GRU's 4th is zero)
     i_u = tl.program_id(0)

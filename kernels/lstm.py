@@ -593,8 +593,8 @@ def _lstm_fwd_persistent_kernel(
     of h) for every sequence. Barrier k (1-based) waits for k * num_programs arrivals.
 
     Step: a = [W_i; W_f; W_g; W_o][o_h] h_{t-1}^T, one (4 BLOCK_U, R) x (R, BLOCK_B) product
-    (the gates of the program's units stacked on M; coupled: f, g, o and a zero block), split
-    into the gate tiles for the cell update."""
+    (the gates of the program's units interleaved on M, row 4 u + g; coupled: f, g, o and a
+    zero block), split into the gate tiles for the cell update."""
     PH: tl.constexpr = 2 if HAS_PROJ else 1  # barriers per step
     i_u = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -712,8 +712,8 @@ def _lstm_bwd_persistent_kernel(
     without projection) for every sequence. dh, dc between steps live in their (B, *) buffers.
 
     Step: dh_{t}[:, o_q] = Σ_g da_{t+1, g} W_g[:, o_q], one (4 BLOCK_Q, H) x (H, 4 BLOCK_B)
-    product: W_g^T's rows o_q stacked on M, the gates' da side by side on N, the sum of its
-    diagonal blocks (_diag_sum); coupled: f, g, o and zero blocks."""
+    product: W_g^T's rows o_q interleaved on M (row 4 q + g), the gates' da side by side on N,
+    the sum of its diagonal gate blocks (_diag_sum); coupled: f, g, o and zero blocks."""
     PH: tl.constexpr = 2 if HAS_PROJ else 1
     BLOCK_Q: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
     i_u = tl.program_id(0)
