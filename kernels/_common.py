@@ -2,11 +2,13 @@
 
 Host side: interpreter detection, the `tl.dot` precision that matches cuDNN's RNN, block sizes,
 the output allocator (NaN-poisoned on request, so tests prove every element is written), and
-the persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
-decision (`choose`) and the cooperative launch (`launch_persistent`).
+the persistent kernels' launch: their tiling (`persistent_tiles`), the co-residency bound of a
+grid, the persistent-or-stepwise decision (`choose`, `refusal`) and the cooperative launch
+(`launch_persistent`).
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
-the stepwise kernels, the live-step mask `_live`, and the grid barrier `_grid_barrier` and
-split-K products of the persistent kernels.
+the stepwise kernels, the live-step mask `_live`, and for the persistent kernels the grid
+barrier `_grid_barrier`, the chunked operands and products (`_k_tiles`, `_dot_tiles`) and the
+gate-stacked tiles' splitting (`_split_gates`, `_diag_sum`).
 
 Public names here are used by all cells: keep them stable.
 """
@@ -40,14 +42,22 @@ __all__ = [
     "DeviceProps",
     "KernelResources",
     "PersistentConfig",
+    "PersistentTiles",
     "device_props",
     "max_coresident",
+    "refusal",
     "choose",
     "PERSISTENT_WARPS",
+    "PERSISTENT_MAX_K",
+    "PERSISTENT_MAX_K_BWD",
+    "padded_gates",
+    "k_chunks",
     "persistent_tiles",
     "forced_persistent_tiles",
     "concurrent_programs",
-    "split_k",
+    "persistent_tile_choices",
+    "cooperative_launch_available",
+    "persistent_options",
     "launch_persistent",
     "_sigmoid",
     "_tanh",
@@ -55,9 +65,10 @@ __all__ = [
     "_mm_tile",
     "_live",
     "_grid_barrier",
-    "_load_split_a",
-    "_load_split_b",
-    "_dot_split",
+    "_k_tiles",
+    "_dot_tiles",
+    "_split_gates",
+    "_diag_sum",
 ]
 
 _log = logging.getLogger("fused_rnn.kernels")
@@ -171,26 +182,39 @@ def num_warps(block_m: int, block_n: int) -> int:
 #
 # A persistent kernel's programs wait for each other at a grid barrier every step, so all of
 # them must be resident at once: a program that waits for one that cannot start deadlocks.
-# `max_coresident` bounds the grid from the device's per-SM limits and the compiled kernel's
-# registers and shared memory; `choose` says whether the persistent kernel may run;
-# `launch_persistent` launches it (cooperatively where Triton offers it, which makes the driver
-# refuse rather than hang a grid that does not fit) or reports that the caller must fall back
-# to the stepwise kernels.
+# `persistent_tiles` cuts the work into programs (each owns a block of hidden units, all their
+# gates, for every sequence of the batch, so the grid holds W_hh once); `max_coresident`
+# bounds the grid from the device's per-SM limits and the compiled kernel's registers and
+# shared memory; `choose` says whether the persistent kernel may run; `launch_persistent`
+# launches it with a cooperative launch (the driver refuses, rather than hangs, a grid that
+# does not fit) or reports that the caller must fall back to the stepwise kernels.
 
 # Registers are allocated per warp in units of 256; every block reserves 1 KB of shared memory
 # (sm_80 and later): CUDA's occupancy rules.
 REG_ALLOC_UNIT = 256
 SMEM_RESERVED_PER_BLOCK = 1024
 
-# A persistent program owns an SM (one per SM), so it may use the whole register file: 8 warps
-# (one chunk of the split-K products each) at up to 255 registers (8 x 32 x 255 < 64K). Under
-# ptxas's default budget some kernels stopped at 127 registers and spilled 8-16 bytes on sm_90;
-# with maxnreg=255 none spilled (bench/NOTES.md).
-PERSISTENT_WARPS = 8
+# One warpgroup per program. On sm_90 a `tl.dot` whose M is a multiple of 64 compiles to wgmma
+# (m64nNk16: each of the 4 warps owns 16 rows); with 8 warps Triton gives the two warpgroups
+# halves of N, and each would read all of A (the weights) from shared memory every step.
+# Programs whose M is 128 or more take 8 warps (`PersistentTiles.num_warps`).
+PERSISTENT_WARPS = 4
+# One program per SM may use the whole register file; ptxas's default budget under Triton's
+# register-allocation options spilled a few bytes in some kernels (bench/NOTES.md).
 PERSISTENT_MAXNREG = 255
-# The split-K accumulators are SPLIT x BLOCK_H x BLOCK_B per gate: batch tiles of 64 spilled
-# (255 registers + ~500 bytes on sm_90); 32 do not.
-PERSISTENT_MAX_BLOCK_B = 32
+# The reduction over K (H, or P with a projection) is cut into chunks of at most this many,
+# then powers of two down to 16: no padding to a power of two (768 = 512 + 256). Every chunk is
+# one `tl.dot` (one wgmma group and its wait), so few wide chunks are best; the backward's are
+# narrower: its operand staged per step is 4x the forward's and passes through registers, and
+# at H=768 chunks of 512 made ptxas spill; kernels with an mma.sync product use 128
+# (bench/NOTES.md).
+PERSISTENT_MAX_K = 512
+PERSISTENT_MAX_K_BWD = 256
+# wgmma's M per warpgroup: gates x units per program reach it where they can
+MMA_M = 64
+# Widest batch chunk (the MMA's N side; the backward's is G x this): accumulators and the
+# staged operand grow with it.
+PERSISTENT_MAX_BLOCK_B = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +242,8 @@ class KernelResources:
 
 @dataclasses.dataclass(frozen=True)
 class PersistentConfig:
-    """One persistent launch: its number of programs and the weight bytes each keeps on chip."""
+    """One persistent launch: its number of programs and the shared memory each needs on chip
+    (its weight slices plus the staged MMA operand: an estimate before compiling)."""
 
     programs: int
     onchip_bytes: int
@@ -237,23 +262,36 @@ def max_coresident(props: DeviceProps, res: KernelResources) -> int:
     return max(per_sm, 0) * props.sm_count
 
 
-def choose(props: DeviceProps, res: KernelResources | None, cfg: PersistentConfig) -> str:
-    """Returns "persistent" when the persistent kernel can run safely as designed, else "stepwise".
+def refusal(props: DeviceProps, res: KernelResources | None, cfg: PersistentConfig) -> str | None:
+    """Why the persistent kernel may not run as `cfg` on `props` (None: it may).
 
-    Persistent needs: the weight slice of one program fits the shared memory a block may use;
-    the grid is at most one program per SM and (given the compiled kernel's `res`) all programs
-    can be resident at once; the kernel does not spill (a spilled weight slice is re-read from
-    memory every step, which is what persistence is meant to avoid). Without `res` (before
-    compiling) only the first two are judged.
+    It needs: the shared memory of one program fits what a block may use; the grid is at most
+    one program per SM and (given the compiled kernel's `res`) all programs can be resident at
+    once; the kernel does not spill (a spilled weight slice is re-read from memory every step,
+    which is what persistence is meant to avoid). Without `res` (before compiling) only the
+    first two are judged, on the estimate in `cfg`.
     """
-    if cfg.programs < 1 or cfg.onchip_bytes > props.smem_per_block:
-        return "stepwise"
+    if cfg.programs < 1:
+        return "empty grid"
+    if cfg.onchip_bytes > props.smem_per_block:
+        return (
+            f"needs {cfg.onchip_bytes} B of shared memory, a block may have {props.smem_per_block}"
+        )
     if cfg.programs > props.sm_count:
-        return "stepwise"
+        return f"{cfg.programs} programs, {props.sm_count} SMs"
     if res is not None:
-        if res.n_spills > 0 or cfg.programs > max_coresident(props, res):
-            return "stepwise"
-    return "persistent"
+        if res.n_spills > 0:
+            return f"spills {res.n_spills} B"
+        fit = max_coresident(props, res)
+        if cfg.programs > fit:
+            return f"{cfg.programs} programs, {fit} can be co-resident"
+    return None
+
+
+def choose(props: DeviceProps, res: KernelResources | None, cfg: PersistentConfig) -> str:
+    """ "persistent" when the persistent kernel can run safely as designed, else "stepwise"
+    (`refusal` says why)."""
+    return "stepwise" if refusal(props, res, cfg) else "persistent"
 
 
 @functools.cache
@@ -283,16 +321,11 @@ def device_props(device) -> DeviceProps:
     return _device_props(index)
 
 
-def split_k(block_k: int, warps: int) -> int:
-    """Chunks of a persistent kernel's reduction: one per warp, each at least 16 wide."""
-    return max(1, min(warps, block_k // 16))
-
-
 # Test hooks. Triton's interpreter runs a grid's programs one after another, so by default a
 # persistent kernel runs there as ONE program: a grid barrier over several would wait forever.
 # A test executor that runs each program in its own thread declares it with
-# `concurrent_programs`, and asks for GPU-like tiling with `forced_persistent_tiles`; whatever
-# tiling the persistent kernels use, they honour the hook's shares per program.
+# `concurrent_programs`, and asks for GPU-like tiling with `forced_persistent_tiles`
+# (`persistent_tiles` honours its shares per program).
 _FORCED_TILES: tuple[int, int, int | None] | None = None
 _CONCURRENT_PROGRAMS = False
 
@@ -300,10 +333,10 @@ _CONCURRENT_PROGRAMS = False
 @contextlib.contextmanager
 def forced_persistent_tiles(units: int = 16, proj_rows: int = 16, batch: int | None = 16):
     """Within the body, every persistent launch gives each program `units` hidden units (all
-    gates), `proj_rows` rows of h (with a projection) and `batch` sequences (None: the whole
-    batch), on a GPU and under the interpreter alike. Powers of two; a GPU's `tl.dot` needs
-    at least 16. A tiling that never splits the batch (W_hh held once by the grid) ignores
-    `batch`. A test hook: it decides tiling only, never what the kernels compute."""
+    gates) and `proj_rows` rows of h (with a projection), and loops over the batch `batch`
+    sequences at a time (None: the whole batch in one chunk), on a GPU and under the
+    interpreter alike. Powers of two; a GPU's `tl.dot` needs at least 16 on each side. A test
+    hook: it decides tiling only, never what the kernels compute."""
     global _FORCED_TILES
     for n in (units, proj_rows) + ((batch,) if batch is not None else ()):
         if n < 1 or n & (n - 1):
@@ -328,33 +361,163 @@ def concurrent_programs():
         _CONCURRENT_PROGRAMS = old
 
 
-def persistent_tiles(H: int, B: int, P: int = 0, sm_count: int = 1):
-    """(BLOCK_H, BLOCK_P, BLOCK_B, grid) of a persistent kernel.
+def padded_gates(G: int) -> int:
+    """Gate blocks a persistent program stacks on the MMA's M side: 4 (LSTM; the GRU's and the
+    coupled LSTM's 3 plus a zero block, as tensor sizes are powers of two) or 1 (Elman RNN)."""
+    return 1 if G == 1 else 4
 
-    Programs own BLOCK_H hidden units (all gates) and, with a projection, BLOCK_P rows of h, for
-    a BLOCK_B tile of the batch; grid = (unit blocks, batch tiles). Under `forced_persistent_tiles`
-    the shares it names. Otherwise under the interpreter one program covers everything
-    (programs run one after another there, so a barrier only works with one); on a GPU the
-    smallest MMA tile (16) unless that needs more programs than SMs.
+
+def k_chunks(K: int, max_k: int = PERSISTENT_MAX_K) -> list[int]:
+    """Sizes of the chunks a persistent kernel cuts a reduction over K into (`_k_tiles`):
+    max_k as often as it fits, then the powers of two of the rest rounded up to 16."""
+    k16 = -(-K // 16) * 16
+    rest = k16 % max_k
+    return [max_k] * (k16 // max_k) + [
+        s for s in (max_k >> j for j in range(1, 8)) if s >= 16 and rest & s
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentTiles:
+    """How a persistent launch cuts its work (kernels' constexprs BLOCK_U, BLOCK_P, BLOCK_B).
+
+    Program i owns hidden units [i*units, (i+1)*units) (all their gates) and, with a
+    projection, rows [i*rows, (i+1)*rows) of h, for every sequence: the batch is looped over
+    inside, `batch` sequences (the MMA's N side) at a time. The grid holds each weight once.
     """
-    if _FORCED_TILES is not None:
-        BLOCK_H, BLOCK_P, BLOCK_B = _FORCED_TILES
-        BLOCK_B = BLOCK_B or block_size(B, 16, 1 << 30)
-        n_u = max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P))
-        return BLOCK_H, BLOCK_P, BLOCK_B, (n_u, triton.cdiv(B, BLOCK_B))
-    if is_interpreter():
-        whole = functools.partial(block_size, lo=16, hi=1 << 30)
-        return whole(H), whole(P), whole(B), (1, 1)
-    BLOCK_B = block_size(B, 16, PERSISTENT_MAX_BLOCK_B)
-    n_b = triton.cdiv(B, BLOCK_B)
-    BLOCK_H = BLOCK_P = 16
-    while max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P)) * n_b > sm_count:
-        if triton.cdiv(H, BLOCK_H) >= triton.cdiv(P, BLOCK_P):
-            BLOCK_H *= 2
-        else:
-            BLOCK_P *= 2
-    n_u = max(triton.cdiv(H, BLOCK_H), triton.cdiv(P, BLOCK_P))
-    return BLOCK_H, BLOCK_P, BLOCK_B, (n_u, n_b)
+
+    units: int
+    rows: int
+    batch: int
+    programs: int
+    onchip_bytes: int  # estimate: weight slices + the largest staged MMA operand
+    mma_m: int  # rows of the widest recurrent MMA (gates x units): wgmma on sm_90 from 64
+    max_k: int  # widest chunk of a reduction (`k_chunks`)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.programs,)
+
+    @property
+    def num_warps(self) -> int:
+        return PERSISTENT_WARPS if self.mma_m <= MMA_M else 2 * PERSISTENT_WARPS
+
+    def meta(self) -> dict:
+        """The kernels' tile constexprs and warps (a kernel without a projection has no
+        BLOCK_P: `launch_persistent` passes only what the kernel takes)."""
+        return dict(BLOCK_U=self.units, BLOCK_P=self.rows, BLOCK_B=self.batch, MAX_K=self.max_k,
+                    num_warps=self.num_warps)  # fmt: skip
+
+
+def _tiles_at(H, B, P, G, elt, backward, units, rows, batch, max_k=None) -> PersistentTiles:
+    """PersistentTiles for given block sizes, with the shared memory estimate."""
+    GP = padded_gates(G)
+    R = P or H
+    n = max(triton.cdiv(H, units), triton.cdiv(P, rows) if P else 0)
+    if not backward:
+        # W_hh rows of the units' gates (GP*units, R); W_hr rows (rows, H); h^T / m^T (K, batch)
+        weights = GP * units * R + (rows * H if P else 0)
+        staged = max(R, H if P else 0) * batch
+        acc = GP * units * batch
+    else:
+        # W_hh columns of the units (rows of h with P) per gate (GP*q, H), W_hr^T (units, P);
+        # da of all gates (H, GP*batch); with P also dh^T (P, batch)
+        q = rows if P else units
+        weights = GP * q * H + (units * P if P else 0)
+        staged = H * GP * batch
+        acc = GP * q * GP * batch
+    onchip = (weights + staged) * elt + 4 * acc + SMEM_RESERVED_PER_BLOCK
+    # rows of the kernel's products: the recurrent one (gates x units, or x rows of h in the
+    # backward with a projection) and the projection's (rows of h, or units)
+    ms = [GP * (rows if backward and P else units)] + ([units if backward else rows] if P else [])
+    # mma.sync (M < 64) unrolls a chunk's whole reduction per warp: narrow chunks keep
+    # registers low (bench/NOTES.md)
+    if max_k is None:
+        max_k = 128 if min(ms) < MMA_M else PERSISTENT_MAX_K_BWD if backward else PERSISTENT_MAX_K
+    return PersistentTiles(units, rows if P else units, batch, n, onchip, max(ms), max_k)
+
+
+def persistent_tiles(H: int, B: int, *, G: int, P: int = 0, elt: int = 2, backward: bool = False,
+                     props: DeviceProps | None = None, units: int | None = None,
+                     batch: int | None = None) -> PersistentTiles:  # fmt: skip
+    """The tiling of a persistent launch (forward, or `backward`) for G gates of H units, a
+    batch of B, projection P (0: none) and `elt`-byte operands on a device with `props` (None:
+    the interpreter).
+
+    Units per program: the fewest that put 64 rows (gates x units) on the MMA's M side, so
+    sm_90 runs wgmma (LSTM/GRU 16 units, RNN 64), as long as the grid stays within one program
+    per SM and the weight slices plus the staged operand fit one block's shared memory; where
+    no such size fits (fp32 LSTM at H=768, RNN at H=1760), the fewest units that fit (a smaller
+    M: mma.sync). Batch chunk: the widest (up to 64, the batch rounded up to a power of two)
+    that still fits. A size that fits nowhere is returned anyway, `choose` refuses it.
+    Under the interpreter one program covers everything in one chunk (there programs run one
+    after another, so a barrier only works with one). `units` and `batch` force those sizes,
+    and so does `forced_persistent_tiles` (tests). The search is over a bounded list of sizes:
+    it returns whatever B is.
+    """
+    GP = padded_gates(G)
+    b_lo = 16 if not backward else max(16 // GP, 1)
+    b_hi = max(b_lo, min(PERSISTENT_MAX_BLOCK_B, next_pow2(B)))
+    b_sizes = [b for b in (64, 32, 16, 8, 4, 2, 1) if b_lo <= b <= b_hi]
+    if _FORCED_TILES is not None and units is None and batch is None:
+        f_units, f_rows, f_batch = _FORCED_TILES
+        b = f_batch or max(b_lo, next_pow2(B))
+        return _tiles_at(H, B, P, G, elt, backward, f_units, f_rows if P else f_units, b)
+    if props is None:  # the interpreter: one program, one batch chunk
+        units = units or next_pow2(H)
+        batch = batch or max(b_lo, next_pow2(B))
+        props = DeviceProps(sm_count=1, smem_per_block=1 << 62)
+    budget, sm_count = props.smem_per_block, props.sm_count
+
+    def rows_for(u):  # rows of h per program: never more programs than the units need
+        return max(16, next_pow2(triton.cdiv(P, triton.cdiv(H, u)))) if P else u
+
+    def fit(u):  # the widest batch chunk that fits at u units, else the narrowest
+        sizes = [batch] if batch is not None else b_sizes
+        tiles = [_tiles_at(H, B, P, G, elt, backward, u, rows_for(u), b) for b in sizes]
+        ok = [t for t in tiles if t.onchip_bytes <= budget]
+        return ok[0] if ok else tiles[-1]
+
+    if units is not None:
+        return fit(units)
+    u_max = next_pow2(max(H, 16))
+    # every product has M >= 16 (tl.dot); the backward's projection product has M = units
+    u_min = 16 if P and backward else max(1, 16 // GP)
+    cands = [fit(u) for u in (1 << i for i in range(u_max.bit_length())) if u >= u_min]
+    if not cands:
+        cands = [fit(u_max)]
+    ok = [t for t in cands if t.programs <= sm_count and t.onchip_bytes <= budget]
+    wgmma = [t for t in ok if t.mma_m >= MMA_M]
+    if wgmma:
+        return wgmma[0]
+    if ok:
+        return ok[0]
+    within = [t for t in cands if t.programs <= sm_count]
+    return within[0] if within else cands[-1]
+
+
+def persistent_tile_choices(H: int, B: int, *, G: int, P: int = 0, elt: int = 2,
+                            backward: bool = False, props: DeviceProps | None = None,
+                            units: int | None = None, batch: int | None = None):  # fmt: skip
+    """What `launch_persistent` tries, in order: `persistent_tiles`' choice, then the same units
+    with narrower reduction chunks, then narrower batch chunks. Registers are what runs out
+    (the operand staged each step passes through them): where a compiled choice spills, a
+    narrower one may not; narrower K chunks only cost a wgmma wait each, narrower batch chunks
+    read the weights from shared memory once more per step. Under the interpreter (props
+    None) or with forced sizes: the one choice."""
+    t = persistent_tiles(H, B, G=G, P=P, elt=elt, backward=backward, props=props, units=units,
+                         batch=batch)  # fmt: skip
+    if props is None or units is not None or batch is not None or _FORCED_TILES is not None:
+        return [t]
+    lo = 16 if not backward else max(16 // padded_gates(G), 1)
+    out = [t]
+    for b in (t.batch, t.batch // 2, lo):
+        for k in (t.max_k, t.max_k // 2, 128):
+            if b >= lo and 128 <= k <= t.max_k:
+                c = _tiles_at(H, B, P, G, elt, backward, t.units, t.rows, b, k)
+                if c not in out:
+                    out.append(c)
+    return out
 
 
 @functools.cache
@@ -371,55 +534,113 @@ def cooperative_launch_available() -> bool:
     return "launch_cooperative_grid" in _cuda_launch_options()
 
 
-def launch_persistent(kernel, grid, *, barriers: int, onchip_bytes: int, device, **kwargs) -> bool:
-    """Launches persistent `kernel` on `grid` with a fresh zeroed barrier counter `cnt`.
+# What the CUDA driver says (through Triton's launcher, a RuntimeError "Triton Error [CUDA]:
+# ...") when it refuses a cooperative launch: more blocks than can be co-resident (MPS or a
+# green context limiting the SMs), or cooperative launches not supported there.
+_LAUNCH_REFUSALS = ("cooperative launch", "not supported", "not permitted")
+_warned: set = set()
 
-    Returns False, launching nothing, when `choose` rejects the launch (the grid could not be
-    co-resident, the weight slice does not fit on chip, or the kernel spills): the caller then
-    runs the stepwise kernels. `barriers` is the number of grid barriers the kernel crosses.
-    Launch options: PERSISTENT_WARPS warps, maxnreg and a cooperative launch where the
-    installed Triton has them. Refusals are logged (logger "fused_rnn.kernels", DEBUG).
+
+def _is_launch_refusal(e: Exception) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(r in msg for r in _LAUNCH_REFUSALS)
+
+
+def _refuse(name: str, why: str, warn: bool = False) -> bool:
+    """Logs why `name` runs stepwise instead of persistent; returns False (nothing launched)."""
+    if warn and (name, why) not in _warned:
+        _warned.add((name, why))
+        _log.warning("%s: running the stepwise kernels instead: %s", name, why)
+    else:
+        _log.debug("%s: running the stepwise kernels instead: %s", name, why)
+    return False
+
+
+def persistent_options() -> dict:
+    """Launch options of a persistent kernel that the installed Triton has: maxnreg (one
+    program per SM may use the register file) and the cooperative launch."""
+    options = _cuda_launch_options()
+    out = {"maxnreg": PERSISTENT_MAXNREG, "launch_cooperative_grid": True}
+    return {k: v for k, v in out.items() if k in options}
+
+
+def _arg_names(kernel):
+    while kernel is not None and not hasattr(kernel, "arg_names"):
+        kernel = getattr(kernel, "fn", None)
+    return getattr(kernel, "arg_names", None)
+
+
+def launch_persistent(kernel, tiles, *, barriers: int, device, **kwargs) -> bool:
+    """Launches persistent `kernel` with a fresh zeroed barrier counter `cnt`, tiled as the
+    first of `tiles` (PersistentTiles, or a list of them in order of preference, from
+    `persistent_tile_choices`) that compiles within the limits.
+
+    Returns False, launching nothing, when the launch cannot be made safe: `choose` rejects
+    every choice (the grid could not be co-resident, one program's shared memory does not fit
+    on chip, or the compiled kernel spills), the installed Triton has no cooperative launch
+    (before 3.2: without it nothing guarantees co-residency and a grid barrier could hang), or
+    the driver refuses the cooperative launch (MPS or green contexts limiting the SMs). The
+    caller then runs the stepwise kernels. `barriers` is the number of grid barriers the kernel
+    crosses. Launch options: the tiles' warps, maxnreg, cooperative launch. Refusals are
+    logged (logger "fused_rnn.kernels": DEBUG, a driver refusal WARNING once).
     """
     name = getattr(getattr(kernel, "fn", kernel), "__name__", type(kernel).__name__)
-    programs = grid[0] * grid[1]
-    kwargs.setdefault("num_warps", PERSISTENT_WARPS)
+    choices = [tiles] if isinstance(tiles, PersistentTiles) else list(tiles)
+    names = _arg_names(kernel)
+
+    def args(t):
+        meta = {
+            k: v for k, v in t.meta().items() if names is None or k in names or k == "num_warps"
+        }
+        return {**kwargs, **meta}
+
     if is_interpreter():
-        if programs > 1 and barriers > 0 and not _CONCURRENT_PROGRAMS:
+        t = choices[0]
+        if t.programs > 1 and barriers > 0 and not _CONCURRENT_PROGRAMS:
             raise RuntimeError(
                 "the interpreter runs programs one after another: a grid barrier over "
-                f"{programs} programs would never be reached by all of them "
+                f"{t.programs} programs would never be reached by all of them "
                 "(unless a test runs them concurrently: `concurrent_programs`)"
             )
-        kernel[grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **kwargs)
+        kernel[t.grid](cnt=torch.zeros(1, dtype=torch.int32, device=device), **args(t))
         return True
+    if barriers > 0 and not cooperative_launch_available():
+        return _refuse(name, "this Triton has no cooperative launch (3.2 or later has)")
     props = device_props(device)
-    cfg = PersistentConfig(programs, onchip_bytes)
-    if choose(props, None, cfg) != "persistent":
-        _log.debug("%s: stepwise instead (before compiling): %s, %s", name, cfg, props)
-        return False
     cnt = torch.zeros(1, dtype=torch.int32, device=device)  # monotonic: never reset, no ABA
-    options = _cuda_launch_options()
-    if "maxnreg" in options:
-        kwargs.setdefault("maxnreg", PERSISTENT_MAXNREG)
-    if "launch_cooperative_grid" in options:
-        kwargs["launch_cooperative_grid"] = True
-    compiled = kernel.warmup(cnt=cnt, grid=grid, **kwargs)
-    try:
-        compiled._init_handles()  # loads the binary: fills n_regs / n_spills
-    except triton.runtime.errors.OutOfResources as e:
-        _log.debug("%s: stepwise instead: %s", name, e)
-        return False
-    res = KernelResources(
-        n_regs=compiled.n_regs,
-        shared=compiled.metadata.shared,
-        num_warps=compiled.metadata.num_warps,
-        n_spills=compiled.n_spills,
-    )
-    if choose(props, res, cfg) != "persistent":
-        _log.debug("%s: stepwise instead: %s, %s, %s", name, cfg, res, props)
-        return False
-    kernel[grid](cnt=cnt, **kwargs)
-    return True
+    why = "no tiling"
+    for t in choices:
+        cfg = PersistentConfig(t.programs, t.onchip_bytes)
+        why = refusal(props, None, cfg)
+        if why:
+            why = f"{t}: {why} (before compiling)"
+            continue
+        kw = args(t)
+        kw.update({k: v for k, v in persistent_options().items() if k not in kw})
+        compiled = kernel.warmup(cnt=cnt, grid=t.grid, **kw)
+        try:
+            compiled._init_handles()  # loads the binary: fills n_regs / n_spills
+        except triton.runtime.errors.OutOfResources as e:
+            why = f"{t}: {e}"
+            continue
+        res = KernelResources(
+            n_regs=compiled.n_regs,
+            shared=compiled.metadata.shared,
+            num_warps=compiled.metadata.num_warps,
+            n_spills=compiled.n_spills,
+        )
+        why = refusal(props, res, cfg)
+        if why:
+            why = f"{t}: {why}: {res}"
+            continue
+        try:
+            kernel[t.grid](cnt=cnt, **kw)
+        except RuntimeError as e:
+            if not _is_launch_refusal(e):
+                raise
+            return _refuse(name, f"the driver refused the cooperative launch: {e}", warn=True)
+        return True
+    return _refuse(name, why)
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -519,43 +740,89 @@ def _grid_barrier(cnt, target):
     tl.debug_barrier()
 
 
-# Split-K products of the persistent kernels. Their weight slices are only 16 rows high (the
-# smallest MMA tile), too few to share among warps, so with a plain (16, K) x (K, N) `tl.dot`
-# every warp held all of A: ~256 registers and spills on sm_90 at K = 1024. Cut into SPLIT
-# chunks as a batched (SPLIT, 16, K/SPLIT) x (SPLIT, K/SPLIT, N) dot, the warps take a chunk
-# each (Triton lays the batch dimension across warps); a sum over the chunks finishes it.
+# The persistent kernels' products. A reduction over K (H, or P with a projection) is cut into
+# chunks (`k_chunks` on the host side): MAX_K-wide ones, then the powers of two of the rest
+# (rounded up to 16, the last chunk masked), so a K of 768 is 512 + 256, never padded to 1024.
+# The chunks of an operand are a tuple of tiles, one `tl.dot` each: the weights' tuple is loaded
+# once before the time loop (Triton keeps it in shared memory, where wgmma reads it), the other
+# operand's every step, all its chunks before the first product.
 
 
 @triton.jit
-def _load_split_a(p, o_m, m_m, stride_m, stride_k, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(SPLIT, BLOCK_M, BLOCK_K // SPLIT) tile of A[m, k] = p[m * stride_m + k * stride_k] for
-    rows o_m and k < K (zero elsewhere), the reduction split in SPLIT consecutive chunks."""
-    CHUNK: tl.constexpr = BLOCK_K // SPLIT
-    o_k = tl.arange(0, SPLIT)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
-    return tl.load(
-        p + o_m[None, :, None] * stride_m + o_k * stride_k,
-        mask=m_m[None, :, None] & (o_k < K),
-        other=0.0,
-    )
+def _k_tile(p_n, m_n, stride_k, OFF: tl.constexpr, SIZE: tl.constexpr, K: tl.constexpr,
+            K_ROWS: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
+    """Chunk [OFF, OFF + SIZE) of the reduction of an operand whose line n (a row of A, or a
+    column of B) starts at pointer p_n[n] with stride_k between its K elements (zero where
+    n is masked off or k >= K): (SIZE, N) with K_ROWS (a B operand), else (N, SIZE)."""
+    o_k = OFF + tl.arange(0, SIZE)
+    if K_ROWS:
+        p = p_n[None, :] + o_k[:, None] * stride_k
+        if OFF + SIZE > K:
+            m = (o_k < K)[:, None] & m_n[None, :]
+        else:
+            m = m_n[None, :]
+    else:
+        p = p_n[:, None] + o_k[None, :] * stride_k
+        if OFF + SIZE > K:
+            m = m_n[:, None] & (o_k < K)[None, :]
+        else:
+            m = m_n[:, None]
+    return tl.load(p, mask=m, other=0.0, cache_modifier=CACHE)
 
 
 @triton.jit
-def _load_split_b(p, o_n, m_n, stride_n, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(SPLIT, BLOCK_K // SPLIT, BLOCK_N) tile of X^T, X[n, k] = p[n * stride_n + k], for rows
-    o_n and k < K (zero elsewhere). X was written by other programs before a grid barrier: the
-    load goes to L2 (".cg"), never to a stale L1 line."""
-    CHUNK: tl.constexpr = BLOCK_K // SPLIT
-    o_k = tl.arange(0, SPLIT)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]
-    return tl.load(
-        p + o_n[None, None, :] * stride_n + o_k,
-        mask=(o_k < K) & m_n[None, None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
+def _k_tiles(p_n, m_n, stride_k, K: tl.constexpr, MAX_K: tl.constexpr, K_ROWS: tl.constexpr,
+             CACHE: tl.constexpr):  # fmt: skip
+    """The tuple of `_k_tile` chunks covering a reduction over K (host side: `k_chunks`)."""
+    KP: tl.constexpr = (K + 15) // 16 * 16
+    out = ()
+    for i in tl.static_range(KP // MAX_K):
+        out = out + (_k_tile(p_n, m_n, stride_k, i * MAX_K, MAX_K, K, K_ROWS, CACHE),)
+    for j in tl.static_range(1, 8):
+        if (MAX_K >> j) >= 16 and (KP & (MAX_K >> j)) != 0:
+            # after the chunks of MAX_K and of the larger powers of two: KP's higher bits
+            out = out + (
+                _k_tile(
+                    p_n, m_n, stride_k, tl.constexpr(KP // (2 * (MAX_K >> j)) * (2 * (MAX_K >> j))),
+                    tl.constexpr(MAX_K >> j), K, K_ROWS, CACHE,
+                ),
+            )  # fmt: skip
+    return out
 
 
 @triton.jit
-def _dot_split(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + A @ X^T from split tiles a = `_load_split_a`, b = `_load_split_b`."""
-    part = tl.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=acc.dtype)
-    return acc + tl.sum(_dot(a, b, part, DOT_PREC), axis=0)
+def _dot_tiles(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + A @ B over the chunk tuples a = `_k_tiles` (rows) and b = `_k_tiles` (K_ROWS)."""
+    for i in tl.static_range(len(a)):
+        acc = _dot(a[i], b[i], acc, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _split_gates(acc, BLOCK_U: tl.constexpr):
+    """The 4 gate tiles (BLOCK_U, N) of a (4 * BLOCK_U, N) product whose rows are interleaved
+    unit-major (row 4 u + g: gate g of unit u). In wgmma's accumulator a warp holds 16
+    consecutive rows, so a unit's gates sit in one warp and are gathered without shared memory."""
+    N: tl.constexpr = acc.shape[1]
+    # row = 4 u + 2 hi + lo: (u, n, hi, lo), then split lo, then hi
+    a = tl.permute(tl.reshape(acc, (BLOCK_U, 2, 2, N)), (0, 3, 1, 2))
+    a_lo0, a_lo1 = tl.split(a)
+    g0, g2 = tl.split(a_lo0)
+    g1, g3 = tl.split(a_lo1)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _diag_sum(acc, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Σ_g acc[4 u + g, g BLOCK_B + b] of a (4 * BLOCK_U, 4 * BLOCK_B) product: (BLOCK_U, BLOCK_B).
+
+    With each unit's gate rows interleaved on M (row 4 u + g) and the gates' right-hand sides
+    side by side on N (column g BLOCK_B + b), one product holds every gate's term at the
+    matching (row gate, column gate); the rest is discarded. In wgmma's accumulator the column
+    gate is within a thread and the row gate within a warp: no shared memory."""
+    a = tl.reshape(acc, (BLOCK_U, 4, 4, BLOCK_B))
+    o_g = tl.arange(0, 4)
+    eye = o_g[:, None] == o_g[None, :]
+    a = tl.sum(tl.where(eye[None, :, :, None], a, 0.0), axis=2)  # column gate: in a thread
+    g0, g1, g2, g3 = _split_gates(tl.reshape(a, (4 * BLOCK_U, BLOCK_B)), BLOCK_U)
+    return g0 + g1 + g2 + g3

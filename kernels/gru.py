@@ -39,12 +39,16 @@ step t first completes dh for its units from the previous launch's dgh (dgh_{t+1
 `tl.dot` over G*H), then does the pointwise part; a last launch with no step (HAS_STEP=False)
 forms dh0.
 
-persistent, one launch per sequence and direction: `_fwd_persistent_kernel` keeps its units'
-rows of W_hh on chip and loops over t, `_bwd_persistent_kernel` its units' columns; programs
+persistent, one launch per sequence and direction: `_fwd_persistent_kernel` and
+`_bwd_persistent_kernel`. Program i owns a block of units, all their gates, for every sequence
+(the batch is looped over in chunks inside): the grid holds W_hh once, each program its units'
+rows (forward) or columns (backward), loaded once, gates interleaved on the MMA's M side (the
+GRU's 3 plus a zero block, as in kernels/lstm.py; the RNN's one block of 64 units). Programs
 meet at a grid barrier each step, after which h_{t-1} (backward: dgh_{t+1}) of every unit is
-read from global memory. dh0 = carry + dgh_{t0} W_hh is one GEMM after the backward launch. The
-launchers run the stepwise kernels instead where the grid could not be co-resident
-(_common.launch_persistent).
+read from L2 before the step's one product. The persistent backward writes dgh = dr | dz | dhn
+of a step as one (T, B, 3H) slab (dhn is its n block), so that a step reads one operand.
+dh0 = carry + dgh_{t0} W_hh is one GEMM after the backward launch. The launchers run the
+stepwise kernels instead where the launch cannot be made safe (_common.launch_persistent).
 
 What forward keeps for backward (buffers in "time order": the state entering step t is index t,
 the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
@@ -55,7 +59,7 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
         the backward products of gates lose accuracy in bf16.
 ws is only written when a gradient is needed. Backward writes dgx (T, B, G*H) in the input dtype
 (it is both the returned gradient and, for the r, z (or RNN) blocks, dgh) and for the GRU dhn
-(T, B, H), the n block of dgh.
+(T, B, H), the n block of dgh (persistent: the n block of the (T, B, 3H) dgh slab).
 """
 
 from __future__ import annotations
@@ -65,14 +69,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    PERSISTENT_WARPS,
-    _dot_split,
+    _diag_sum,
+    _dot_tiles,
     _grid_barrier,
+    _k_tiles,
     _live,
-    _load_split_a,
-    _load_split_b,
     _mm_tile,
     _sigmoid,
+    _split_gates,
     _tanh,
     acc_dtype,
     block_b,
@@ -83,9 +87,7 @@ from ._common import (
     is_interpreter,
     launch_persistent,
     new_output,
-    next_pow2,
-    persistent_tiles,
-    split_k,
+    persistent_tile_choices,
 )
 from ._launch import step_launcher
 
@@ -383,42 +385,42 @@ def _fwd_persistent_kernel(
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
-    H,
+    H: tl.constexpr,
     CELL: tl.constexpr,
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # power of two >= H: h W_hh^T is one split-K product over H
-    SPLIT_K: tl.constexpr,  # chunks of that reduction
+    BLOCK_U: tl.constexpr,  # units per program, all their gates
+    BLOCK_B: tl.constexpr,  # sequences per product: the batch is looped over in such chunks
+    MAX_K: tl.constexpr,  # widest chunk of a reduction (_common.k_chunks)
     HAS_B_HN: tl.constexpr,
     HAS_LEN: tl.constexpr,
     STORE_WS: tl.constexpr,
 ):
-    """The whole forward sequence; program (i_h, i_b) owns units o_h of sequences o_b and keeps
-    its rows of W_hh on chip. Barrier s waits for s * num_programs arrivals."""
-    i_h, i_b = tl.program_id(0), tl.program_id(1)
-    n_prog = tl.num_programs(0) * tl.num_programs(1)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    m_h, m_b = o_h < H, o_b < B
-    m_hb = m_h[:, None] & m_b[None, :]
-    G: tl.constexpr = 3 if CELL == 0 else 1
-    o_bh = o_b[None, :] * H + o_h[:, None]
-    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+    """The whole forward sequence; program i_u owns units o_h for every sequence and keeps
+    their rows of W_hh on chip. Barrier s waits for s * num_programs arrivals.
 
-    # rows o_h of every gate block of W_hh, split over H: loaded once, kept on chip
-    b_w0 = _load_split_a(w_hh, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
+    Step: one (GP BLOCK_U, H) x (H, BLOCK_B) product of the units' rows of W_r, W_z, W_n and a
+    zero block, interleaved (GRU, GP = 4, row 4 u + g), or of W (RNN, GP = 1) with h_{t-1}^T,
+    split into gate tiles."""
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    GP: tl.constexpr = 4 if CELL == 0 else 1  # gate blocks on M (the GRU's 4th is zero)
+    i_u = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    m_h = o_h < H
+
+    # rows of W_hh for the units' gates, interleaved (row GP u + g: gate g of unit u; the GRU's
+    # 4th zero): loaded once, kept on chip
+    o_m = tl.arange(0, GP * BLOCK_U)
+    o_mg = o_m % GP
+    o_mu = i_u * BLOCK_U + o_m // GP
+    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * H, (o_mg < G) & (o_mu < H), 1, H, MAX_K, False, "")
     if CELL == 0:
-        b_wz = _load_split_a(w_hh + H * H, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
-        b_wn = _load_split_a(w_hh + 2 * H * H, o_h, m_h, H, 1, H, SPLIT_K, BLOCK_K)
         if HAS_B_HN:
             b_bhn = tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
         else:
-            b_bhn = tl.zeros([BLOCK_H, 1], dtype=ACC)
-    s0 = tl.cast(T, tl.int64) if REVERSE else 0  # int64: T*B*H can pass 2**31
-    b_h = tl.load(hs + s0 * B * H + o_bh, mask=m_hb, other=0.0)  # own units
+            b_bhn = tl.zeros([BLOCK_U, 1], dtype=ACC)
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for s in tl.range(0, T, num_stages=1):
@@ -426,23 +428,31 @@ def _fwd_persistent_kernel(
         i_t = t.to(tl.int64)
         s_in = i_t + 1 if REVERSE else i_t
         s_out = i_t if REVERSE else i_t + 1
-        # this program's inputs of the step do not depend on the others: loaded before the wait
-        b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
-        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
         if s > 0:
             _grid_barrier(cnt, s * n_prog)  # h_{t-1} of every unit is written
-        b_ht = _load_split_b(hs + s_in * B * H, o_b, m_b, H, H, SPLIT_K, BLOCK_K)
-        b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
-        b_a0 = _dot_split(b_w0, b_ht, b_zero, DOT_PREC)
-        b_az, b_an = b_a0, b_a0  # the RNN has one gate block
-        if CELL == 0:
-            b_az = _dot_split(b_wz, b_ht, b_zero, DOT_PREC)
-            b_an = _dot_split(b_wn, b_ht, b_zero + b_bhn, DOT_PREC)
-        b_h = _gru_fwd_step(
-            b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out * B * H + o_bh,
-            y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-            m_hb, H, CELL, ACC, STORE_WS,
-        )  # fmt: skip
+        for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            m_hb = m_h[:, None] & m_b[None, :]
+            o_bh = o_b[None, :] * H + o_h[:, None]
+            o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+            # every load of the step before the product: this program's own data (gx_t, its
+            # units' h_{t-1}) and h_{t-1} of all units (the others', from L2)
+            b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
+            b_h = tl.load(hs + s_in * B * H + o_bh, mask=m_hb, other=0.0)
+            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+            b_ht = _k_tiles(hs + s_in * B * H + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
+            b_a = _dot_tiles(b_w, b_ht, tl.zeros([GP * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+            if CELL == 0:
+                b_a0, b_az, b_an, _ = _split_gates(b_a, BLOCK_U)
+                b_an += b_bhn
+            else:
+                b_a0, b_az, b_an = b_a, b_a, b_a  # the RNN has one gate block
+            _gru_fwd_step(
+                b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out * B * H + o_bh,
+                y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+                m_hb, H, CELL, ACC, STORE_WS,
+            )  # fmt: skip
 
 
 @triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
@@ -454,40 +464,46 @@ def _bwd_persistent_kernel(
     w_hh,  # (G*H, H) row-major
     lengths,  # (B,) int64 or None
     carry,  # (B, H) ACC, in/out: dh_T; on exit the part of dh_0 that skips W_hh
-    dgx,  # (T, B, G*H) out: dgx of every step, read back by all programs
-    dhn,  # (T, B, H) out, GRU: n block of dgh (r * dn_pre), read back by all; None for the RNN
+    dgx,  # (T, B, G*H) out: dgx of every step (the RNN's is dgh, read back by all programs)
+    dgh,  # (T, B, 3*H) out, GRU: dr | dz | dhn of every step, read back by all; None for the RNN
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
-    H,
+    H: tl.constexpr,
     CELL: tl.constexpr,
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # power of two >= H: dgh_g W_hh[g] is one split-K product over H
-    SPLIT_K: tl.constexpr,
+    BLOCK_U: tl.constexpr,  # units per program
+    BLOCK_B: tl.constexpr,  # sequences per product: the batch is looped over in such chunks
+    MAX_K: tl.constexpr,  # widest chunk of a reduction (_common.k_chunks)
     HAS_LEN: tl.constexpr,
 ):
-    """The whole reverse sequence; program (i_h, i_b) owns units o_h of sequences o_b and keeps
-    columns o_h of W_hh on chip. dh_0 = carry + dgh_{t0} W_hh is left to the caller (one GEMM)."""
-    i_h, i_b = tl.program_id(0), tl.program_id(1)
-    n_prog = tl.num_programs(0) * tl.num_programs(1)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    m_h, m_b = o_h < H, o_b < B
-    m_hb = m_h[:, None] & m_b[None, :]
-    G: tl.constexpr = 3 if CELL == 0 else 1
-    o_bh = o_b[None, :] * H + o_h[:, None]
-    o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+    """The whole reverse sequence; program i_u owns units o_h for every sequence and keeps
+    columns o_h of W_hh on chip; carry between steps lives in its buffer. dh_0 = carry +
+    dgh_{t0} W_hh is left to the caller (one GEMM).
 
-    # columns o_h of every gate block of W_hh (W_g^T rows), split over H: loaded once
-    b_wt0 = _load_split_a(w_hh, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
-    if CELL == 0:
-        b_wtz = _load_split_a(w_hh + H * H, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
-        b_wtn = _load_split_a(w_hh + 2 * H * H, o_h, m_h, 1, H, H, SPLIT_K, BLOCK_K)
-    b_carry = tl.load(carry + o_bh, mask=m_hb, other=0.0)
+    Step: dh[:, o_h] = carry + Σ_g dgh_g W_g[:, o_h]: the GRU's as one (4 BLOCK_U, H) x
+    (H, 4 BLOCK_B) product, W_g^T's rows o_h interleaved on M and dgh's blocks (dr | dz | dhn |
+    0) side by side on N, summed over its diagonal blocks (_diag_sum); the RNN's one block
+    plain. The GRU writes dgh whole (dr, dz as in dgx) so that the next step reads one slab."""
+    G: tl.constexpr = 3 if CELL == 0 else 1
+    GP: tl.constexpr = 4 if CELL == 0 else 1
+    i_u = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    m_h = o_h < H
+
+    # columns o_h of every gate block of W_hh, interleaved: row GP u + g is W_g[:, u] (stride
+    # H; the GRU's 4th zero), loaded once
+    o_m = tl.arange(0, GP * BLOCK_U)
+    o_mg = o_m % GP
+    o_mu = i_u * BLOCK_U + o_m // GP
+    b_wt = _k_tiles(w_hh + o_mg * H * H + o_mu, (o_mg < G) & (o_mu < H), H, H, MAX_K, False, "")
+    # columns of the right-hand side: n = (gate block n // BLOCK_B, sequence b0 + n % BLOCK_B)
+    o_n = tl.arange(0, GP * BLOCK_B)
+    o_ng = o_n // BLOCK_B
+    o_nb = o_n % BLOCK_B
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for k in tl.range(0, T, num_stages=1):
@@ -495,30 +511,49 @@ def _bwd_persistent_kernel(
         i_t = t.to(tl.int64)
         s_in = i_t + 1 if REVERSE else i_t
         s_out = i_t if REVERSE else i_t + 1
-        # forward's buffers and dy: independent of the other programs, loaded before the wait
-        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-        b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
-        b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
-            ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-            hs + s_in * B * H + o_bh, hs + s_out * B * H + o_bh, m_hb, H, CELL, ACC,
-        )  # fmt: skip
-        b_dh = b_carry
         if k > 0:
             _grid_barrier(cnt, k * n_prog)  # dgh_{t_next} of every unit is written
+        for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            m_hb = m_h[:, None] & m_b[None, :]
+            o_bh = o_b[None, :] * H + o_h[:, None]
+            o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+            # every load of the step before the product: this program's own data (dy,
+            # forward's buffers, carry as the previous step left it) and dgh_{t_next} of all
+            # units (the others', from L2)
+            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+            b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+            b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
+                ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
+                hs + s_in * B * H + o_bh, hs + s_out * B * H + o_bh, m_hb, H, CELL, ACC,
+            )  # fmt: skip
+            b_dh = tl.load(carry + o_bh, mask=m_hb, other=0.0)
+            # dgh_{t_next} (nothing at k = 0: the loads are masked off, the product is zero)
             i_n = (t - 1 if REVERSE else t + 1).to(tl.int64)
-            p_dg = dgx + i_n * B * G * H
-            b_dg = _load_split_b(p_dg, o_b, m_b, G * H, H, SPLIT_K, BLOCK_K)
-            b_dh = _dot_split(b_wt0, b_dg, b_dh, DOT_PREC)
+            o_nbb = b0 + o_nb
+            m_n = (o_nbb < B) & (o_ng < G) & (k > 0)
+            p_dg = (dgh if CELL == 0 else dgx) + i_n * B * G * H + o_nbb * (G * H) + o_ng * H
+            b_dg = _k_tiles(p_dg, m_n, 1, H, MAX_K, True, ".cg")
+            b_acc = tl.zeros([GP * BLOCK_U, GP * BLOCK_B], dtype=ACC)
+            b_acc = _dot_tiles(b_wt, b_dg, b_acc, DOT_PREC)
             if CELL == 0:
-                b_dg = _load_split_b(p_dg + H, o_b, m_b, G * H, H, SPLIT_K, BLOCK_K)
-                b_dh = _dot_split(b_wtz, b_dg, b_dh, DOT_PREC)
-                b_dg = _load_split_b(dhn + i_n * B * H, o_b, m_b, H, H, SPLIT_K, BLOCK_K)
-                b_dh = _dot_split(b_wtn, b_dg, b_dh, DOT_PREC)
-        b_carry = _gru_bwd_step(
-            b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
-            i_t * B * H + o_bh, m_hb, H, CELL,
-        )  # fmt: skip
-    tl.store(carry + o_bh, b_carry, mask=m_hb)
+                b_dh += _diag_sum(b_acc, BLOCK_U, BLOCK_B)
+            else:
+                b_dh += b_acc
+            # _gru_bwd_step, with dhn into dgh's n block and dr, dz also into dgh
+            b_dh += tl.where(m_live, b_dy, 0.0)
+            b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
+                b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+            )
+            o_dg = i_t * B * G * H + o_bg
+            if CELL == 0:
+                _gru_store_dgx(dgx + o_dg, dgh + 2 * H, o_dg, b_d0, b_dz, b_dn, b_dhn, m_hb, H, 0)
+                tl.store(dgh + o_dg, b_d0.to(dgh.dtype.element_ty), mask=m_hb)
+                tl.store(dgh + o_dg + H, b_dz.to(dgh.dtype.element_ty), mask=m_hb)
+            else:
+                _gru_store_dgx(dgx + o_dg, None, o_dg, b_d0, b_dz, b_dn, b_dhn, m_hb, H, CELL)
+            tl.store(carry + o_bh, b_carry, mask=m_hb)
 
 
 # =========================================================================== launchers
@@ -544,15 +579,11 @@ def _tiles(B: int, H: int):
     return grid, meta, _NUM_WARPS
 
 
-def _persistent_meta(B: int, H: int, device):
-    sm = 1 if is_interpreter() else device_props(device).sm_count
-    BLOCK_H, _, BLOCK_B, grid = persistent_tiles(H, B, 0, sm)
-    BLOCK_K = max(16, next_pow2(H))
-    meta = dict(
-        BLOCK_H=BLOCK_H, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
-        SPLIT_K=split_k(BLOCK_K, PERSISTENT_WARPS),
-    )  # fmt: skip
-    return grid, meta
+def _persistent_tiles(B: int, H: int, cell: int, x, backward: bool):
+    """The tilings a persistent launch tries, in order (_common.persistent_tile_choices)."""
+    props = None if is_interpreter() else device_props(x.device)
+    G = 3 if cell == CELL_GRU else 1
+    return persistent_tile_choices(H, B, G=G, elt=x.element_size(), backward=backward, props=props)
 
 
 def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
@@ -569,12 +600,11 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     if persistent:
-        grid, meta = _persistent_meta(B, H, gx.device)
+        tiles = _persistent_tiles(B, H, cell, gx, backward=False)
         if launch_persistent(
-            _fwd_persistent_kernel, grid, barriers=T - 1, device=gx.device,
-            onchip_bytes=GH // H * meta["BLOCK_H"] * meta["BLOCK_K"] * gx.element_size(),
-            gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws, T=T, B=B, H=H,
-            REVERSE=reverse, **kw, **meta,
+            _fwd_persistent_kernel, tiles, barriers=T - 1, device=gx.device, gx=gx, hs=hs,
+            w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws, T=T, B=B, H=H, REVERSE=reverse,
+            **kw,
         ):  # fmt: skip
             return y, hs, ws
     grid, meta, warps = _tiles(B, H)
@@ -599,24 +629,26 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
     dt, acc = dy.dtype, acc_dtype(dy.dtype)
     carry = torch.empty((B, H), dtype=acc, device=dy.device).copy_(dhT)
     dgx = new_output((T, B, G * H), dt, dy.device)
-    dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
     dh0 = None
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     ran = False
     if persistent:
-        grid, meta = _persistent_meta(B, H, dy.device)
+        # the GRU's dgh = dr | dz | dhn of a step in one slab (dhn: its n block, a view)
+        dgh = new_output((T, B, G * H), dt, dy.device) if cell == CELL_GRU else None
+        tiles = _persistent_tiles(B, H, cell, dy, backward=True)
         ran = launch_persistent(
-            _bwd_persistent_kernel, grid, barriers=T - 1, device=dy.device,
-            onchip_bytes=G * meta["BLOCK_H"] * meta["BLOCK_K"] * dy.element_size(),
-            dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
-            T=T, B=B, H=H, REVERSE=reverse, **kw, **meta,
+            _bwd_persistent_kernel, tiles, barriers=T - 1, device=dy.device, dy=dy, hs=hs, ws=ws,
+            w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dgh=dgh, T=T, B=B, H=H,
+            REVERSE=reverse, **kw,
         )  # fmt: skip
+        dhn = dgh[..., 2 * H :] if ran and cell == CELL_GRU else None
         if ran and need_h0:
             # dh_0 = carry + dgh_{t0} W_hh, t0 the last step processed: one GEMM
             t0 = T - 1 if reverse else 0
-            dgh = dgx[t0] if cell != CELL_GRU else torch.cat([dgx[t0, :, : 2 * H], dhn[t0]], 1)
-            dh0 = torch.addmm(carry, dgh.to(acc), w_hh.to(acc)).to(dt)
+            dg0 = dgh[t0] if cell == CELL_GRU else dgx[t0]
+            dh0 = torch.addmm(carry, dg0.to(acc), w_hh.to(acc)).to(dt)
     if not ran:
+        dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
         dh0 = new_output((B, H), dt, dy.device) if need_h0 else None
         grid, meta, warps = _tiles(B, H)
         common = dict(

@@ -38,13 +38,21 @@ previous launch's da (dh = da_{t+1} W_hh[:, j], a `tl.dot` over G*H); with a pro
 `_lstm_bwd_dh_kernel` forms dh over the P columns first.
 
 persistent, one launch per sequence and direction: `_lstm_fwd_persistent_kernel` and
-`_lstm_bwd_persistent_kernel`. A program loads its slice of W_hh (forward: its units' rows of
-every gate block; backward: its units' columns) once, keeps c (dc, dh) in registers and loops
-over t; programs meet at a grid barrier each step, after which h_{t-1} (backward: da_{t+1}) of
-all units is read from global memory. With a projection a step has two phases and two
-barriers: forward m_t for the unit block, then h_t = m_t W_hr^T for a block of P rows;
-backward dh_t over a block of P, then dm = dh_t W_hr for the unit block. The launcher falls
-back to the stepwise kernels when the grid could not be co-resident (_common.launch_persistent).
+`_lstm_bwd_persistent_kernel`. Program i owns a block of units, all their gates, for every
+sequence (the batch is looped over in chunks inside), so the grid holds W_hh once. It loads its
+slice once before the time loop (forward: its units' rows of every gate block; backward: their
+columns), interleaved unit-major on the MMA's M side (row 4 u + g), and keeps it on chip
+(Triton puts it in shared memory, where sm_90's wgmma reads it); programs meet at a grid
+barrier each step, after which h_{t-1} (backward: da_{t+1}) of all units is read from L2, every
+chunk of it before the first product. One step is one plain 2-D product per batch chunk:
+forward (4 BLOCK_U, R) x (R, BLOCK_B), split into the gate tiles; backward (4 BLOCK_U, H) x
+(H, 4 BLOCK_B) with the gates' da side by side on N, of which the diagonal gate blocks are
+summed (`_common._diag_sum`). Reductions run over the true H (or P) in power-of-two chunks, not
+padded. c (backward dh, dc) passes from step to step through its buffer (cs, dh, dc). With a
+projection a step has two phases and two barriers: forward m_t for the unit block, then
+h_t = m_t W_hr^T for a block of P rows; backward dh_t over a block of P, then dm = dh_t W_hr for
+the unit block. The launcher falls back to the stepwise kernels when the launch cannot be made
+safe (_common.launch_persistent).
 
 The weight gradients are single GEMMs after the time loop, whichever strategy ran.
 
@@ -66,15 +74,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    PERSISTENT_WARPS,
+    _diag_sum,
     _dot,
-    _dot_split,
+    _dot_tiles,
     _grid_barrier,
+    _k_tiles,
     _live,
-    _load_split_a,
-    _load_split_b,
     _mm_tile,
     _sigmoid,
+    _split_gates,
     _tanh,
     acc_dtype,
     block_b,
@@ -85,10 +93,8 @@ from ._common import (
     is_interpreter,
     launch_persistent,
     new_output,
-    next_pow2,
     num_warps,
-    persistent_tiles,
-    split_k,
+    persistent_tile_choices,
 )
 from ._launch import step_launcher
 
@@ -532,6 +538,19 @@ def _lstm_bwd_cell_kernel(
     tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
+@triton.jit
+def _lstm_store_h(hs, y, b_h, m_live, s_in, s_out, t64, o_h, m_hb, B, R, HAS_LEN: tl.constexpr):
+    """h_t at slot s_out of hs and y_t, for the elements o_h of a (B, R) slab (h_{t-1}, read
+    back from slot s_in, kept where the step is dead; y_t 0 there)."""
+    b_h = b_h.to(hs.dtype.element_ty)
+    if HAS_LEN:
+        b_hp = tl.load(hs + s_in * B * R + o_h, mask=m_hb)  # written by this program
+        tl.store(hs + s_out * B * R + o_h, tl.where(m_live, b_h, b_hp), mask=m_hb)
+    else:
+        tl.store(hs + s_out * B * R + o_h, b_h, mask=m_hb)
+    tl.store(y + t64 * B * R + o_h, tl.where(m_live, b_h, 0.0), mask=m_hb)
+
+
 @triton.heuristics(
     {
         "HAS_PEEP": lambda a: a["w_ch"] is not None,
@@ -555,58 +574,49 @@ def _lstm_fwd_persistent_kernel(
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
-    H,
-    R,
+    H: tl.constexpr,
+    R: tl.constexpr,
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    BLOCK_H: tl.constexpr,  # units (all gates) per program
+    BLOCK_U: tl.constexpr,  # units per program, all their gates: 4 * BLOCK_U rows of the MMA
     BLOCK_P: tl.constexpr,  # rows of h per program, with projection
-    BLOCK_B: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # power of two >= R: h W_hh^T is one split-K product over R
-    BLOCK_HK: tl.constexpr,  # power of two >= H: m W_hr^T is one split-K product over H
-    SPLIT_R: tl.constexpr,  # chunks of the reduction over R
-    SPLIT_HK: tl.constexpr,  # chunks of the reduction over H
+    BLOCK_B: tl.constexpr,  # sequences per product: the batch is looped over in such chunks
+    MAX_K: tl.constexpr,  # widest chunk of a reduction (_common.k_chunks)
     HAS_PEEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     STORE_GATES: tl.constexpr,
 ):
-    """The whole forward sequence; program (i_u, i_b) owns units o_h (with projection also rows
-    o_q of h) of sequences o_b. Barrier k (1-based) waits for k * num_programs arrivals."""
-    GF: tl.constexpr = 0 if COUPLED else 1
-    PH: tl.constexpr = 2 if HAS_PROJ else 1  # barriers per step
-    i_u, i_b = tl.program_id(0), tl.program_id(1)
-    n_prog = tl.num_programs(0) * tl.num_programs(1)
-    o_h = i_u * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    m_h, m_b = o_h < H, o_b < B
-    m_hb = m_h[:, None] & m_b[None, :]
+    """The whole forward sequence; program i_u owns units o_h (with projection also rows o_q
+    of h) for every sequence. Barrier k (1-based) waits for k * num_programs arrivals.
 
-    # rows o_h of every gate block of W_hh, split over R: loaded once, kept on chip
-    if not COUPLED:
-        b_wi = _load_split_a(w_hh, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
-    b_wf = _load_split_a(w_hh + GF * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
-    b_wg = _load_split_a(w_hh + (GF + 1) * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
-    b_wo = _load_split_a(w_hh + (GF + 2) * H * R, o_h, m_h, R, 1, R, SPLIT_R, BLOCK_R)
+    Step: a = [W_i; W_f; W_g; W_o][o_h] h_{t-1}^T, one (4 BLOCK_U, R) x (R, BLOCK_B) product
+    (the gates of the program's units interleaved on M, row 4 u + g; coupled: f, g, o and a
+    zero block), split into the gate tiles for the cell update."""
+    PH: tl.constexpr = 2 if HAS_PROJ else 1  # barriers per step
+    i_u = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    m_h = o_h < H
+
+    # rows of W_hh for the units' gates, interleaved: row 4 u + g is gate block g (< G; the
+    # rest zero) of unit u. Loaded once, kept on chip
+    o_m = tl.arange(0, 4 * BLOCK_U)
+    o_mg = o_m % 4
+    o_mu = i_u * BLOCK_U + o_m // 4
+    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * R, (o_mg < G) & (o_mu < H), 1, R, MAX_K, False, "")
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     if HAS_PROJ:
-        # rows o_q of W_hr, split over H: this program's rows of h = m W_hr^T
+        # rows o_q of W_hr: this program's rows of h = m W_hr^T
         o_q = i_u * BLOCK_P + tl.arange(0, BLOCK_P)
         m_q = o_q < R
-        b_wr = _load_split_a(w_hr, o_q, m_q, H, 1, H, SPLIT_HK, BLOCK_HK)
+        b_wr = _k_tiles(w_hr + o_q * H, m_q, 1, H, MAX_K, False, "")
     else:
         o_q, m_q = o_h, m_h
-    m_qb = m_q[:, None] & m_b[None, :]
-    o_hq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
-    o_c = o_b[None, :] * H + o_h[:, None]  # ... of a (B, H) slab
-    o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of a (B, G*H) slab
 
-    s0 = tl.cast(T, tl.int64) if REVERSE else 0  # int64: T*B*H can pass 2**31
-    b_c = tl.load(cs + s0 * B * H + o_c, mask=m_hb, other=0.0)  # c, ACC, kept in registers
-    b_h = tl.load(hs + s0 * B * R + o_hq, mask=m_qb, other=0.0)  # own rows of h
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for s in tl.range(0, T, num_stages=1):
@@ -614,37 +624,51 @@ def _lstm_fwd_persistent_kernel(
         t64 = t.to(tl.int64)
         s_in = t64 + 1 if REVERSE else t64
         s_out = t64 if REVERSE else t64 + 1
-        # this program's inputs of the step do not depend on the others: loaded before the wait
-        p_gx = gx + t64 * B * G * H + o_g
-        b_ai, b_af, b_ag, b_ao = _load_gate_blocks(p_gx, m_hb, H, COUPLED, ACC)
-        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
         if s > 0:
             _grid_barrier(cnt, PH * s * n_prog)  # h_{t-1} of every unit is written
-        b_ht = _load_split_b(hs + s_in * B * R, o_b, m_b, R, R, SPLIT_R, BLOCK_R)
-        if not COUPLED:
-            b_ai = _dot_split(b_wi, b_ht, b_ai, DOT_PREC)
-        b_af = _dot_split(b_wf, b_ht, b_af, DOT_PREC)
-        b_ag = _dot_split(b_wg, b_ht, b_ag, DOT_PREC)
-        b_ao = _dot_split(b_wo, b_ht, b_ao, DOT_PREC)
-        b_i, b_f, b_g, b_o, b_cn, b_m = _lstm_cell(
-            b_ai, b_af, b_ag, b_ao, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
-        )
-        b_c = tl.where(m_live, b_cn, b_c)
-        tl.store(cs + s_out * B * H + o_c, b_c, mask=m_hb)
-        if STORE_GATES:
-            _store_gate_blocks(gates + t64 * B * G * H + o_g, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
+        for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            m_hb = m_h[:, None] & m_b[None, :]
+            o_c = o_b[None, :] * H + o_h[:, None]  # this program's elements of a (B, H) slab
+            o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of (B, G*H)
+            # every load of the step before the product: this program's own data (gx_t, c
+            # written by it a step ago) and h_{t-1} of all units (the others', from L2)
+            b_gi, b_gf, b_gg, b_go = _load_gate_blocks(
+                gx + t64 * B * G * H + o_g, m_hb, H, COUPLED, ACC
+            )
+            b_c = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
+            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+            b_ht = _k_tiles(hs + s_in * B * R + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
+            b_a = _dot_tiles(b_w, b_ht, tl.zeros([4 * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+            b_a0, b_a1, b_a2, b_a3 = _split_gates(b_a, BLOCK_U)
+            if COUPLED:  # blocks f, g, o (i = 1 - f: its slot unused)
+                b_ai, b_af, b_ag, b_ao = b_a0, b_a0, b_a1, b_a2
+            else:
+                b_ai, b_af, b_ag, b_ao = b_a0, b_a1, b_a2, b_a3
+            b_i, b_f, b_g, b_o, b_cn, b_m = _lstm_cell(
+                b_ai + b_gi, b_af + b_gf, b_ag + b_gg, b_ao + b_go, b_c, b_pi, b_pf, b_po,
+                COUPLED, HAS_PEEP,
+            )  # fmt: skip
+            tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_cn, b_c), mask=m_hb)
+            if STORE_GATES:
+                p_gates = gates + t64 * B * G * H + o_g
+                _store_gate_blocks(p_gates, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
+            if HAS_PROJ:
+                tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
+            else:
+                _lstm_store_h(hs, y, b_m, m_live, s_in, s_out, t64, o_c, m_hb, B, R, HAS_LEN)
         if HAS_PROJ:
-            p_m = ms + t64 * B * H
-            tl.store(p_m + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
             _grid_barrier(cnt, (PH * s + 1) * n_prog)  # m_t of every unit is written
-            b_mt = _load_split_b(p_m, o_b, m_b, H, H, SPLIT_HK, BLOCK_HK)
-            b_hn = _dot_split(b_wr, b_mt, tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), DOT_PREC)
-        else:
-            b_hn = b_m
-        b_hn = b_hn.to(hs.dtype.element_ty)
-        b_h = tl.where(m_live, b_hn, b_h)
-        tl.store(hs + s_out * B * R + o_hq, b_h, mask=m_qb)
-        tl.store(y + t64 * B * R + o_hq, tl.where(m_live, b_hn, 0.0), mask=m_qb)
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                b_mt = _k_tiles(ms + t64 * B * H + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
+                b_hn = _dot_tiles(b_wr, b_mt, tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), DOT_PREC)
+                o_hq = o_b[None, :] * R + o_q[:, None]  # this program's elements of (B, R)
+                m_qb = m_q[:, None] & m_b[None, :]
+                _lstm_store_h(hs, y, b_hn, m_live, s_in, s_out, t64, o_hq, m_qb, B, R, HAS_LEN)
 
 
 @triton.heuristics(
@@ -670,54 +694,50 @@ def _lstm_bwd_persistent_kernel(
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
-    H,
-    R,
+    H: tl.constexpr,
+    R: tl.constexpr,
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # power of two >= R: dm = dh W_hr is one split-K product over P
-    BLOCK_HK: tl.constexpr,  # power of two >= H: da_g W_hh[g] is one split-K product over H
-    SPLIT_R: tl.constexpr,
-    SPLIT_HK: tl.constexpr,
+    BLOCK_U: tl.constexpr,  # units per program
+    BLOCK_P: tl.constexpr,  # rows of h (columns of W_hh) per program, with projection
+    BLOCK_B: tl.constexpr,  # sequences per product: the batch is looped over in such chunks
+    MAX_K: tl.constexpr,  # widest chunk of a reduction (_common.k_chunks)
     HAS_PEEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
 ):
-    """The whole reverse sequence; program (i_u, i_b) owns units o_h and columns o_q of W_hh
-    (o_q = o_h without projection) for sequences o_b."""
-    GF: tl.constexpr = 0 if COUPLED else 1
-    PH: tl.constexpr = 2 if HAS_PROJ else 1
-    BLOCK_Q: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_H
-    i_u, i_b = tl.program_id(0), tl.program_id(1)
-    n_prog = tl.num_programs(0) * tl.num_programs(1)
-    o_h = i_u * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_q = i_u * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    m_h, m_q, m_b = o_h < H, o_q < R, o_b < B
-    m_hb = m_h[:, None] & m_b[None, :]
-    m_qb = m_q[:, None] & m_b[None, :]
+    """The whole reverse sequence; program i_u owns units o_h and columns o_q of W_hh (o_q = o_h
+    without projection) for every sequence. dh, dc between steps live in their (B, *) buffers.
 
-    # columns o_q of every gate block of W_hh (W_g^T rows), split over H: loaded once
-    if not COUPLED:
-        b_wti = _load_split_a(w_hh, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
-    b_wtf = _load_split_a(w_hh + GF * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
-    b_wtg = _load_split_a(w_hh + (GF + 1) * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
-    b_wto = _load_split_a(w_hh + (GF + 2) * H * R, o_q, m_q, 1, R, H, SPLIT_HK, BLOCK_HK)
+    Step: dh_{t}[:, o_q] = Σ_g da_{t+1, g} W_g[:, o_q], one (4 BLOCK_Q, H) x (H, 4 BLOCK_B)
+    product: W_g^T's rows o_q interleaved on M (row 4 q + g), the gates' da side by side on N,
+    the sum of its diagonal gate blocks (_diag_sum); coupled: f, g, o and zero blocks."""
+    PH: tl.constexpr = 2 if HAS_PROJ else 1
+    BLOCK_Q: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
+    i_u = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    o_q = i_u * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_h, m_q = o_h < H, o_q < R
+
+    # columns o_q of every gate block of W_hh, interleaved: row 4 q + g is W_g[:, q] (stride
+    # R; g >= G zero), loaded once
+    o_m = tl.arange(0, 4 * BLOCK_Q)
+    o_mg = o_m % 4
+    o_mq = i_u * BLOCK_Q + o_m // 4
+    b_wt = _k_tiles(w_hh + o_mg * H * R + o_mq, (o_mg < G) & (o_mq < R), R, H, MAX_K, False, "")
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     if HAS_PROJ:
-        # columns o_h of W_hr (W_hr^T rows), split over P: dm = dh W_hr for units o_h
-        b_wrt = _load_split_a(w_hr, o_h, m_h, 1, H, R, SPLIT_R, BLOCK_R)
-    o_dq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
-    o_c = o_b[None, :] * H + o_h[:, None]
-    o_g = o_b[None, :] * (G * H) + o_h[:, None]
+        # columns o_h of W_hr (rows of W_hr^T, stride H): dm = dh W_hr for units o_h
+        b_wrt = _k_tiles(w_hr + o_h, m_h, H, R, MAX_K, False, "")
+    # columns of the right-hand side: n = (gate n // BLOCK_B, sequence b0 + n % BLOCK_B)
+    o_n = tl.arange(0, 4 * BLOCK_B)
+    o_ng = o_n // BLOCK_B
+    o_nb = o_n % BLOCK_B
 
-    b_dh = tl.load(dh + o_dq, mask=m_qb, other=0.0)  # gradient reaching h after the step, ACC
-    b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for k in tl.range(0, T, num_stages=1):
@@ -725,43 +745,72 @@ def _lstm_bwd_persistent_kernel(
         t64 = t.to(tl.int64)
         s_in = t64 + 1 if REVERSE else t64
         s_out = t64 if REVERSE else t64 + 1
-        # forward's buffers and dy: independent of the other programs, loaded before the wait
-        b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
-            gates + t64 * B * G * H + o_g, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
-        )
-        b_dy = tl.load(dy + t64 * B * R + o_dq, mask=m_qb, other=0.0).to(ACC)
-        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        t_next = t - 1 if REVERSE else t + 1  # processed at k - 1
         if k > 0:
             _grid_barrier(cnt, PH * k * n_prog)  # da_{t_next} of every unit is written
-            t_next = t - 1 if REVERSE else t + 1
-            p_da = dgx + t_next.to(tl.int64) * B * G * H
-            b_rec = tl.zeros([BLOCK_Q, BLOCK_B], dtype=ACC)
-            if not COUPLED:
-                b_da = _load_split_b(p_da, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
-                b_rec = _dot_split(b_wti, b_da, b_rec, DOT_PREC)
-            b_da = _load_split_b(p_da + GF * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
-            b_rec = _dot_split(b_wtf, b_da, b_rec, DOT_PREC)
-            b_da = _load_split_b(p_da + (GF + 1) * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
-            b_rec = _dot_split(b_wtg, b_da, b_rec, DOT_PREC)
-            b_da = _load_split_b(p_da + (GF + 2) * H, o_b, m_b, G * H, H, SPLIT_HK, BLOCK_HK)
-            b_rec = _dot_split(b_wto, b_da, b_rec, DOT_PREC)
-            # a dead step t_next passed dh through unchanged
-            b_dh = tl.where(_live(lengths, t_next, o_b, m_b, HAS_LEN), b_rec, b_dh)
+        for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            m_hb = m_h[:, None] & m_b[None, :]
+            m_qb = m_q[:, None] & m_b[None, :]
+            o_dq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
+            # every load of the step before the product. This program's own data: dh as the
+            # previous step left it (dh_T at k = 0; only read where a dead step passes it on),
+            # dy; without projection also what the cell backward needs
+            m_dh = m_qb if HAS_LEN else m_qb & (k == 0)
+            b_dh = tl.load(dh + o_dq, mask=m_dh, other=0.0)
+            b_dy = tl.load(dy + t64 * B * R + o_dq, mask=m_qb, other=0.0).to(ACC)
+            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+            if not HAS_PROJ:
+                o_c = o_b[None, :] * H + o_h[:, None]
+                o_g = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+                b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
+                    gates + o_g, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
+                )
+                b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
+            if k > 0:
+                # da_{t_next} of every unit and gate (the other programs', from L2)
+                o_nbb = b0 + o_nb
+                p_da = dgx + t_next.to(tl.int64) * B * G * H + o_nbb * (G * H) + o_ng * H
+                b_da = _k_tiles(p_da, (o_nbb < B) & (o_ng < G), 1, H, MAX_K, True, ".cg")
+                b_acc = tl.zeros([4 * BLOCK_Q, 4 * BLOCK_B], dtype=ACC)
+                b_rec = _diag_sum(_dot_tiles(b_wt, b_da, b_acc, DOT_PREC), BLOCK_Q, BLOCK_B)
+                if HAS_LEN:  # a dead step t_next passed dh through unchanged
+                    b_dh = tl.where(_live(lengths, t_next, o_b, m_b, HAS_LEN), b_rec, b_dh)
+                else:
+                    b_dh = b_rec
+            # read back by the next step where a step is dead, and by the caller after the last
+            tl.store(dh + o_dq, b_dh, mask=m_qb)
+            if HAS_PROJ:
+                b_dq = tl.where(m_live, b_dh + b_dy, 0.0)
+                tl.store(dhs + t64 * B * R + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
+            else:
+                b_dc = _lstm_bwd_step(
+                    dgx + o_g, b_dh + b_dy, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
+                    b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
+                )  # fmt: skip
+                tl.store(dc + o_c, b_dc, mask=m_hb)
         if HAS_PROJ:
-            p_dh = dhs + t64 * B * R
-            b_dq = tl.where(m_live, b_dh + b_dy, 0.0)
-            tl.store(p_dh + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
             _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dh_t of every row of h is written
-            b_dht = _load_split_b(p_dh, o_b, m_b, R, R, SPLIT_R, BLOCK_R)
-            b_dm = _dot_split(b_wrt, b_dht, tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), DOT_PREC)
-        else:
-            b_dm = b_dh + b_dy
-        b_dc = _lstm_bwd_step(
-            dgx + t64 * B * G * H + o_g, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
-            b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
-        )  # fmt: skip
-    tl.store(dh + o_dq, b_dh, mask=m_qb)
-    tl.store(dc + o_c, b_dc, mask=m_hb)
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_c = o_b[None, :] * H + o_h[:, None]
+                o_g = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+                b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
+                    gates + o_g, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
+                )
+                b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                # dm = dh_t W_hr for units o_h: W_hr^T's rows o_h times dh_t^T over P
+                b_dht = _k_tiles(dhs + t64 * B * R + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
+                b_dm = _dot_tiles(b_wrt, b_dht, tl.zeros([BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+                b_dc = _lstm_bwd_step(
+                    dgx + o_g, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po,
+                    m_live, m_hb, H, COUPLED, HAS_PEEP,
+                )  # fmt: skip
+                tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
 # =========================================================================== launchers
@@ -789,32 +838,25 @@ def _stepwise_meta(B: int, N: int, K: int, block: str):
     return (triton.cdiv(N, BLOCK_N), n_b), dict(meta, num_warps=num_warps(BLOCK_N, BLOCK_B))
 
 
-def _persistent_meta(H: int, B: int, R: int, proj: bool, device):
-    """(grid, tile constexprs) of the persistent kernels, forward and backward alike."""
-    sm = 1 if is_interpreter() else device_props(device).sm_count
-    BLOCK_H, BLOCK_P, BLOCK_B, grid = persistent_tiles(H, B, R if proj else 0, sm)
-    BLOCK_R, BLOCK_HK = max(16, next_pow2(R)), max(16, next_pow2(H))
-    meta = dict(
-        BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_R=BLOCK_R, BLOCK_HK=BLOCK_HK,
-        SPLIT_R=split_k(BLOCK_R, PERSISTENT_WARPS), SPLIT_HK=split_k(BLOCK_HK, PERSISTENT_WARPS),
-    )  # fmt: skip
-    return grid, meta
+def _persistent_tiles(H: int, B: int, G: int, P: int, x, backward: bool):
+    """The tilings a persistent launch tries, in order (_common.persistent_tile_choices)."""
+    props = None if is_interpreter() else device_props(x.device)
+    return persistent_tile_choices(
+        H, B, G=G, P=P, elt=x.element_size(), backward=backward, props=props
+    )
 
 
 def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled):
     """One persistent launch over the sequence; False (nothing run) if it cannot run safely."""
     T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     proj = w_hr is not None
-    grid, meta = _persistent_meta(H, B, R, proj, gx.device)
-    onchip = G * meta["BLOCK_H"] * meta["BLOCK_R"] + (
-        meta["BLOCK_P"] * meta["BLOCK_HK"] if proj else 0
-    )
+    tiles = _persistent_tiles(H, B, G, R if proj else 0, gx, backward=False)
     return launch_persistent(
-        _lstm_fwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
-        onchip_bytes=onchip * gx.element_size(), device=gx.device,
+        _lstm_fwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
+        device=gx.device,
         gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
         lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled, REVERSE=reverse,
-        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype), **meta,
+        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype),
     )  # fmt: skip
 
 
@@ -868,15 +910,13 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
     safely. Leaves in dh and dc what the stepwise loop leaves there."""
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     proj = w_hr is not None
-    grid, meta = _persistent_meta(H, B, R, proj, dy.device)
-    BLOCK_Q = meta["BLOCK_P"] if proj else meta["BLOCK_H"]
-    onchip = G * BLOCK_Q * meta["BLOCK_HK"] + (meta["BLOCK_H"] * meta["BLOCK_R"] if proj else 0)
+    tiles = _persistent_tiles(H, B, G, R if proj else 0, dy, backward=True)
     return launch_persistent(
-        _lstm_bwd_persistent_kernel, grid, barriers=(2 * T - 1 if proj else T - 1),
-        onchip_bytes=onchip * dy.element_size(), device=dy.device,
+        _lstm_bwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
+        device=dy.device,
         dgx=dgx, gates=gates, cs=cs, dh=dh, dc=dc, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
         w_ch=w_ch, lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled,
-        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype), **meta,
+        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype),
     )  # fmt: skip
 
 

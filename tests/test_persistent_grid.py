@@ -4,7 +4,8 @@ Each program of a grid runs in its own thread (tests/mp_interpreter.py: `threade
 so the grid barriers of `_lstm_fwd_persistent_kernel`, `_lstm_bwd_persistent_kernel`,
 `_fwd_persistent_kernel` and `_bwd_persistent_kernel` (GRU and the Elman RNN) are really
 crossed by several programs, and `_common.forced_persistent_tiles` asks for GPU-like tiling:
-several blocks of hidden units (and of projection rows) times several batch tiles. Checked
+several blocks of hidden units (and of projection rows), each program looping over several
+batch chunks. Checked
 against the float64 oracle (`kernel_cases.check_case`): outputs, final states, every gradient;
 NaN-poisoned outputs; the stepwise kernels are tripwires, and the launches are recorded, so a
 test passes only if the persistent kernels ran on the grid it names.
@@ -88,16 +89,19 @@ def grid(request):
 
 
 def _expected_grid(c: Case, tiles):
+    """One program per block of units (with a projection, per block of rows of h if there are
+    more of those); each program loops over the batch in chunks: the grid is one-dimensional."""
     units, rows, batch = tiles
-    n_u = max(triton.cdiv(c.H, units), triton.cdiv(c.P, rows))
-    return (n_u, triton.cdiv(c.B, batch), 1)
+    return (max(triton.cdiv(c.H, units), triton.cdiv(c.P, rows)), 1, 1)
 
 
 def _check(c: Case, tiles, g, batch_tiles: int = 2):
     """check_case on the forced tiling; then: exactly the persistent forward and backward
-    kernels ran, each on the expected grid of >= 2 unit blocks x >= `batch_tiles` batch tiles."""
+    kernels ran, each on the expected grid of >= 2 programs, each looping over >= `batch_tiles`
+    batch chunks."""
     want = _expected_grid(c, tiles)
-    assert want[0] >= 2 and want[1] >= batch_tiles, f"grid {want}: not the case meant"
+    chunks = triton.cdiv(c.B, tiles[2])
+    assert want[0] >= 2 and chunks >= batch_tiles, f"grid {want}, {chunks} chunks: not meant"
     with _common.forced_persistent_tiles(*tiles):
         check_case(c, TOL[c.dtype], persistent=True)
     assert [(r.kernel, r.grid) for r in g.launches] == [(k, want) for k in KERNELS[c.mode]]
@@ -106,8 +110,9 @@ def _check(c: Case, tiles, g, batch_tiles: int = 2):
 
 # ----------------------------------------------------------------------------- kernels vs oracle
 
-# (case, (units, projection rows, batch rows) per program); every grid has >= 2 unit blocks
-# and >= 2 batch tiles. make_lengths: unsorted, one full-length and one length-1 sequence.
+# (case, (units, projection rows, batch rows per chunk) per program); every grid has >= 2
+# programs, each looping over >= 2 batch chunks. make_lengths: unsorted, one full-length and
+# one length-1 sequence.
 CASES = [
     (Case(mode="LSTM", B=12, T=5, H=32, lens=True), (16, 16, 8)),
     (Case(mode="LSTM", B=8, T=5, H=33, peep=True, lens=True, reverse=True), (16, 16, 4)),
@@ -407,12 +412,18 @@ def test_interpreter_is_restored():
 
 def test_forced_tiles():
     with _common.forced_persistent_tiles(16, 8, 4):
-        assert _common.persistent_tiles(40, 10, 0) == (16, 8, 4, (3, 3))
-        assert _common.persistent_tiles(40, 10, 24) == (16, 8, 4, (3, 3))
-        assert _common.persistent_tiles(20, 10, 17) == (16, 8, 4, (3, 3))
-    with _common.forced_persistent_tiles(16, 16, None):  # the whole batch in each program
-        assert _common.persistent_tiles(40, 20, 0) == (16, 16, 32, (3, 1))
-    assert _common.persistent_tiles(40, 20, 0) == (64, 16, 32, (1, 1))  # hook gone
+        t = _common.persistent_tiles(40, 10, G=4)
+        assert (t.units, t.batch, t.programs, t.grid) == (16, 4, 3, (3,))
+        t = _common.persistent_tiles(40, 10, G=4, P=24, backward=True)
+        assert (t.units, t.rows, t.batch, t.programs) == (16, 8, 4, 3)
+        assert _common.persistent_tiles(20, 10, G=3, P=17).programs == 3  # 3 blocks of rows
+        assert (
+            len(_common.persistent_tile_choices(40, 10, G=4, props=_common.DeviceProps(132))) == 1
+        )
+    with _common.forced_persistent_tiles(16, 16, None):  # the whole batch in one chunk
+        t = _common.persistent_tiles(40, 20, G=4)
+        assert (t.units, t.batch, t.programs) == (16, 32, 3)
+    assert _common.persistent_tiles(40, 20, G=4).programs == 1  # hook gone: the interpreter's
     with pytest.raises(ValueError, match="powers of two"):
         with _common.forced_persistent_tiles(12, 16, 16):
             pass
