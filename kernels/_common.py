@@ -5,8 +5,9 @@ the output allocator (NaN-poisoned on request, so tests prove every element is w
 the persistent kernels' launch: tiles, the co-residency bound of a grid, the persistent-or-stepwise
 decision (`choose`) and the cooperative launch (`launch_persistent`).
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
-the stepwise kernels, the live-step mask `_live`, and the grid barrier `_grid_barrier` and
-split-K products of the persistent kernels.
+the stepwise kernels (and `_mm_tile_scaled`, recurrent dropout's), the live-step mask `_live`,
+the zoneout masks (`_zoneout_keep`, `_zoneout_factor`, `_zone`), and the grid barrier
+`_grid_barrier` and split-K products of the persistent kernels.
 
 Public names here are used by all cells: keep them stable.
 """
@@ -54,6 +55,11 @@ __all__ = [
     "_dot",
     "_mm_tile",
     "_live",
+    "zoneout_threshold",
+    "_zoneout_keep",
+    "_zoneout_factor",
+    "_zone",
+    "_mm_tile_scaled",
     "_grid_barrier",
     "_load_split_a",
     "_load_split_b",
@@ -499,6 +505,98 @@ def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
         return (t < b_len)[None, :]
     else:
         return m_b[None, :]
+
+
+# --------------------------------------------------------------------------- zoneout
+#
+# The mask of zoneout (Krueger et al. 2016) at time step t, batch row b and unit j of a state of
+# width W is one Philox4x32-10 draw (tl.philox, Salmon et al. 2011) under the 64-bit key
+# rng[0], counter (b * W + j, t, 2 * stream + WHICH, rng[1] mod 2**32), stream the layer-direction
+# index and WHICH 0 for h, 1 for c: the unit keeps its previous value when the first output word
+# u has (u >> 1) < floor(p * 2**31). fused_rnn._rng computes the same bits in torch ops (the
+# torch path and the tests); tests check the two bit for bit. Nothing of size T x B x W is stored:
+# backward draws the masks again.
+
+
+def zoneout_threshold(p: float) -> int:
+    """The int32 threshold of a keep probability p in [0, 1): floor(p * 2**31)."""
+    return min(int(p * 2**31), 2**31 - 1)
+
+
+@triton.jit
+def _zoneout_keep(rng, t, stream, o_w, o_b, W, WHICH: tl.constexpr, thr):
+    """(BLOCK_W, BLOCK_B) int1: units o_w of rows o_b keep their previous value at step t.
+
+    rng: (2,) int64 (seed, offset); thr: int32 `zoneout_threshold`."""
+    seed = tl.load(rng)
+    c0 = (o_b[None, :] * W + o_w[:, None]).to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + t.to(tl.uint32)
+    c2 = zero + (stream * 2 + WHICH).to(tl.uint32)
+    c3 = zero + tl.load(rng + 1).to(tl.uint32)
+    u, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return (u >> 1).to(tl.int32) < thr
+
+
+@triton.jit
+def _zoneout_factor(rng, t, stream, o_w, o_b, W, z, thr, WHICH: tl.constexpr,
+                    HAS_RNG: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """(BLOCK_W, BLOCK_B) zoneout factor d in ACC: the 0/1 mask in training (HAS_RNG), else the
+    probability z (the expectation, evaluation)."""
+    if HAS_RNG:
+        keep = _zoneout_keep(rng, t, stream, o_w, o_b, W, WHICH, thr)
+        return tl.where(keep, 1.0, 0.0).to(ACC)
+    else:
+        return tl.zeros([o_w.shape[0], o_b.shape[0]], dtype=ACC) + z
+
+
+@triton.jit
+def _zone(b_old, b_new, rng, t, stream, o_w, o_b, W, z, thr, WHICH: tl.constexpr,
+          HAS_RNG: tl.constexpr):  # fmt: skip
+    """Zoneout of a (BLOCK_W, BLOCK_B) state: the old value where the mask keeps it, else the
+    new one (training, exact); z * old + (1 - z) * new without rng (evaluation). In the dtype
+    of b_new."""
+    if HAS_RNG:
+        keep = _zoneout_keep(rng, t, stream, o_w, o_b, W, WHICH, thr)
+        return tl.where(keep, b_old.to(b_new.dtype), b_new)
+    else:
+        return (b_new + z * (b_old.to(b_new.dtype) - b_new)).to(b_new.dtype)
+
+
+@triton.jit
+def _mm_tile_scaled(
+    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
+    a,  # A[m, k] at a + m * stride_am + k * stride_ak
+    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
+    s,  # S[b, k] at s + b * stride_xb + k, ACC: multiplies X (recurrent dropout's mask)
+    stride_am,
+    stride_ak,
+    stride_xb,
+    o_m,
+    m_m,
+    o_b,
+    m_b,
+    K,
+    DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """b_acc + A[o_m, :K] @ (X ⊙ S)[o_b, :K]^T: `_mm_tile` with X scaled elementwise by S (in
+    ACC, rounded back to X's dtype for the product)."""
+    for k in range(0, K, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(
+            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        m_x = m_k[:, None] & m_b[None, :]
+        o_x = o_b[None, :] * stride_xb + o_k[:, None]
+        b_x = tl.load(x + o_x, mask=m_x, other=0.0)
+        b_s = tl.load(s + o_x, mask=m_x, other=0.0)
+        b_x = (b_x.to(b_s.dtype) * b_s).to(b_x.dtype)
+        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
+    return b_acc
 
 
 @triton.jit

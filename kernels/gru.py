@@ -72,8 +72,11 @@ from ._common import (
     _load_split_a,
     _load_split_b,
     _mm_tile,
+    _mm_tile_scaled,
     _sigmoid,
     _tanh,
+    _zone,
+    _zoneout_factor,
     acc_dtype,
     block_b,
     block_h,
@@ -86,6 +89,7 @@ from ._common import (
     next_pow2,
     persistent_tiles,
     split_k,
+    zoneout_threshold,
 )
 from ._launch import step_launcher
 
@@ -224,11 +228,19 @@ def _gru_bwd_step(b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, p_dgx, dhn, o_dh
     return b_carry
 
 
+_OPTION_HEURISTICS = {
+    "HAS_RNG": lambda a: a["rng"] is not None,
+    "HAS_DROP": lambda a: a["drop"] is not None,
+    "ZONE_H": lambda a: a["z_h"] > 0,
+}
+
+
 @triton.heuristics(
     {
         "HAS_B_HN": lambda a: a["b_hn"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "STORE_WS": lambda a: a["ws"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t", "s_in", "s_out"])
@@ -239,12 +251,17 @@ def _fwd_step_kernel(
     b_hn,  # (H,) or None: the GRU's b_hh n block
     lengths,  # (B,) int64 or None
     y,  # (T, B, H) output
-    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward
+    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward; RNN with zoneout (T, B, H) h̃
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, H) ACC: recurrent dropout's mask on h where it meets W_hh, or None
     t,  # step
     s_in,  # hs slot of h (t, or t + 1 with reverse)
     s_out,  # hs slot of h' (t + 1, or t with reverse)
     B,
     H,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_h,  # zoneout probability (ZONE_H: > 0), the expectation's weight in evaluation
+    thr_h,  # int32 threshold of the masks (_common.zoneout_threshold)
     CELL: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -254,8 +271,14 @@ def _fwd_step_kernel(
     HAS_B_HN: tl.constexpr,
     HAS_LEN: tl.constexpr,
     STORE_WS: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
-    """One step for hidden units o_h of sequences o_b: h' into hs[s_out], y_t, (ws_t)."""
+    """One step for hidden units o_h of sequences o_b: h' into hs[s_out], y_t, (ws_t).
+
+    Recurrent dropout: h ⊙ mask meets W_hh (all three products of the GRU; its carry z ⊙ h
+    keeps h). Zoneout: h' = d ⊙ h + (1 - d) ⊙ h̃ after the cell's h̃."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -271,45 +294,78 @@ def _fwd_step_kernel(
 
     # recurrent products a_g = (h W_g^T)^T, one tl.dot per gate block over h
     b_z0 = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
-    b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+    if HAS_DROP:
+        b_a0 = _mm_tile_scaled(
+            b_z0, w_hh, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+        )
+    else:
+        b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
     b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0)
     b_az, b_an = b_a0, b_a0  # the RNN has one gate block
     if CELL == 0:
-        b_az = _mm_tile(
-            b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-        )
-        b_an = _mm_tile(
-            b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-        )
+        if HAS_DROP:
+            b_az = _mm_tile_scaled(
+                b_z0, w_hh + H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+            b_an = _mm_tile_scaled(
+                b_z0, w_hh + 2 * H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+        else:
+            b_az = _mm_tile(
+                b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+            )
+            b_an = _mm_tile(
+                b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+            )
         if HAS_B_HN:
             b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_g0, b_gz, b_gn = _gru_load_gx(p_gx, m_hb, H, CELL, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    _gru_fwd_step(
-        b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out.to(tl.int64) * B * H + o_bh,
-        y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-        m_hb, H, CELL, ACC, STORE_WS,
-    )  # fmt: skip
+    p_hout = hs + s_out.to(tl.int64) * B * H + o_bh
+    o_ws = i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+    if ZONE_H:
+        b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
+        if STORE_WS:
+            if CELL == 0:
+                _gru_store_ws(ws + o_ws, b_r, b_z, b_n, b_an, m_hb, H)
+            else:  # the RNN's backward needs act'(h̃), which the zoned state no longer shows
+                tl.store(ws + i_t * B * H + o_bh, b_hnew, mask=m_hb)
+        b_hnew = _zone(b_h, b_hnew, rng, t, stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
+        b_hnew = b_hnew.to(hs.dtype.element_ty)
+        tl.store(p_hout, tl.where(m_live, b_hnew, b_h), mask=m_hb)
+        tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+    else:
+        _gru_fwd_step(
+            b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, p_hout, y + i_t * B * H + o_bh, ws,
+            o_ws, m_hb, H, CELL, ACC, STORE_WS,
+        )  # fmt: skip
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None, **_OPTION_HEURISTICS})
 @triton.jit(do_not_specialize=["t", "t_next", "s_in", "s_out"])
 def _bwd_step_kernel(
     dy,  # (T, B, H) gradient of y
     hs,  # (T+1, B, H) states in time order (forward's)
-    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; None for the RNN
+    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; the RNN's (T, B, H) h̃ with zoneout, else None
     w_hh,  # (G*H, H) row-major
     lengths,  # (B,) int64 or None
     carry,  # (B, H) ACC, in place: the part of the gradient reaching h' that skips W_hh
     dgx,  # (T, B, G*H) out: dgx_t; step t_next (previous launch) is read for dgh W_hh
     dhn,  # (T, B, H) out, GRU: n block of dgh (r ⊙ dn_pre); None for the RNN
     dh0,  # (B, H) out when not HAS_STEP: the gradient reaching the state before t_next
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, H) ACC: recurrent dropout's mask, or None
     t,  # step (HAS_STEP)
     t_next,  # step processed by the previous launch (HAS_NEXT)
     s_in,  # hs slot of h_{t-1}
     s_out,  # hs slot of h'
     B,
     H,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_h,  # zoneout probability
+    thr_h,  # int32 threshold of the masks
     CELL: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -319,8 +375,14 @@ def _bwd_step_kernel(
     HAS_NEXT: tl.constexpr,
     HAS_STEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
-    """dh for units o_h of sequences o_b, then (HAS_STEP) step t's dgx, dhn and carry."""
+    """dh for units o_h of sequences o_b, then (HAS_STEP) step t's dgx, dhn and carry.
+
+    Recurrent dropout: the W_hh part of dh is multiplied by the mask. Zoneout: the gradient of
+    h' splits into (1 - d) ⊙ it, the cell's, and d ⊙ it, added to carry."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -336,29 +398,51 @@ def _bwd_step_kernel(
         # dgh^T, per gate block; the GRU's n block of dgh is dhn, not dgx_n
         i_n = t_next.to(tl.int64)
         p_dg = dgx + i_n * B * G * H
-        b_dh = _mm_tile(b_dh, w_hh, p_dg, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+        b_rec = b_dh
+        if HAS_DROP:
+            b_rec = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
+        b_rec = _mm_tile(b_rec, w_hh, p_dg, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
         if CELL == 0:
-            b_dh = _mm_tile(
-                b_dh, w_hh + H * H, p_dg + H, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-            )
-            b_dh = _mm_tile(
-                b_dh, w_hh + 2 * H * H, dhn + i_n * B * H, 1, H, H, o_h, m_h, o_b, m_b, H,
+            b_rec = _mm_tile(
+                b_rec, w_hh + H * H, p_dg + H, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+            b_rec = _mm_tile(
+                b_rec, w_hh + 2 * H * H, dhn + i_n * B * H, 1, H, H, o_h, m_h, o_b, m_b, H,
                 DOT_PREC, BLOCK_K,
             )  # fmt: skip
+        if HAS_DROP:
+            b_dh += b_rec * tl.load(drop + o_bh, mask=m_hb, other=0.0)
+        else:
+            b_dh = b_rec
 
     if HAS_STEP:
         i_t = t.to(tl.int64)
         m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
         b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+        p_hnew = hs + s_out.to(tl.int64) * B * H + o_bh
+        if ZONE_H and CELL != 0:
+            p_hnew = ws + i_t * B * H + o_bh  # the RNN's h̃ (hs holds the zoned state)
         b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
             ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-            hs + s_in.to(tl.int64) * B * H + o_bh, hs + s_out.to(tl.int64) * B * H + o_bh,
-            m_hb, H, CELL, ACC,
+            hs + s_in.to(tl.int64) * B * H + o_bh, p_hnew, m_hb, H, CELL, ACC,
         )  # fmt: skip
-        b_carry = _gru_bwd_step(
-            b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
-            i_t * B * H + o_bh, m_hb, H, CELL,
-        )  # fmt: skip
+        if ZONE_H:
+            b_tot = b_dh + tl.where(m_live, b_dy, 0.0)
+            b_d = _zoneout_factor(rng, t, stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG, ACC)
+            b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
+                (1.0 - b_d) * b_tot, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+            )
+            _gru_store_dgx(
+                dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
+                m_hb, H, CELL,
+            )  # fmt: skip
+            b_carry = tl.where(m_live, b_carry + b_d * b_tot, b_dh)
+        else:
+            b_carry = _gru_bwd_step(
+                b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
+                i_t * B * H + o_bh, m_hb, H, CELL,
+            )  # fmt: skip
         tl.store(carry + o_bh, b_carry, mask=m_hb)
     else:
         tl.store(dh0 + o_bh, b_dh.to(dh0.dtype.element_ty), mask=m_hb)
@@ -555,11 +639,31 @@ def _persistent_meta(B: int, H: int, device):
     return grid, meta
 
 
-def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
-    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None.
+def _has_options(rng, zoneout, drop, ln_hh) -> bool:
+    """Whether a call uses zoneout, recurrent dropout or layer norm."""
+    return rng is not None or zoneout > 0 or drop is not None or ln_hh is not None
 
+
+def _option_args(rng, zoneout, stream, drop) -> dict:
+    """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout."""
+    z = float(zoneout)
+    return dict(rng=rng, drop=drop, stream=int(stream), z_h=z, thr_h=zoneout_threshold(z))
+
+
+def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout=0.0, stream=0,
+            drop=None, ln_hh=None, *, persistent=False):  # fmt: skip
+    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None (the
+    RNN with zoneout and `store`: (T, B, H), its unzoned h̃).
+
+    Options (stepwise kernels only): zoneout of h (masks from `rng` (2,) int64 in training, the
+    expectation without it) in layer-direction `stream`, recurrent dropout's (B, H) mask `drop`
+    in the accumulation dtype.
     persistent=True: one persistent launch when it can run safely, else one launch per step.
     """
+    if ln_hh is not None:
+        raise NotImplementedError("layer norm in the stepwise GRU kernels")
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
     T, B, GH = gx.shape
     H = h0.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
@@ -567,6 +671,8 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     hs = new_output((T + 1, B, H), dt, gx.device)
     hs[T if reverse else 0].copy_(h0)
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
+    if store and cell != CELL_GRU and zoneout > 0:
+        ws = new_output((T, B, H), acc, gx.device)
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     if persistent:
         grid, meta = _persistent_meta(B, H, gx.device)
@@ -581,6 +687,7 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     step = step_launcher(
         _fwd_step_kernel, grid, ("t", "s_in", "s_out"), gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn,
         lengths=lengths, y=y, ws=ws, B=B, H=H, **kw, **meta, num_warps=warps,
+        **_option_args(rng, zoneout, stream, drop),
     )  # fmt: skip
     d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
     for t in range(T - 1, -1, -1) if reverse else range(T):
@@ -588,12 +695,21 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     return y, hs, ws
 
 
-def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=False):
-    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so).
+def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=None,
+            zoneout=0.0, stream=0, drop=None, ln_hh=None, *, persistent=False):  # fmt: skip
+    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so), and
+    dln_hh when `needs` has its fifth flag.
 
-    persistent=True: one persistent launch when it can run safely, else one launch per step.
+    The options as `gru_fwd`'s (the same rng, stream and mask: the zoneout masks are drawn
+    again, not stored). persistent=True: one persistent launch when it can run safely, else one
+    launch per step.
     """
-    need_gx, need_h0, need_whh, need_bhn = needs
+    if ln_hh is not None:
+        raise NotImplementedError("layer norm in the stepwise GRU kernels")
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
+    extra = (None,) * (len(needs) - 4)
+    need_gx, need_h0, need_whh, need_bhn = needs[:4]
     T, B, H = dy.shape
     G = 3 if cell == CELL_GRU else 1
     dt, acc = dy.dtype, acc_dtype(dy.dtype)
@@ -622,6 +738,7 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
         common = dict(
             dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
             dh0=dh0, B=B, H=H, **kw, **meta, num_warps=warps,
+            **_option_args(rng, zoneout, stream, drop),
         )  # fmt: skip
         # the first step processed has no later step to take dh from: its own variant
         t_next = 0 if reverse else T - 1
@@ -644,6 +761,8 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
     dw_hh = db_hn = None
     if need_whh:
         h_prev = (hs[1:] if reverse else hs[:-1]).reshape(T * B, H)
+        if drop is not None:  # W_hh met h ⊙ mask
+            h_prev = (h_prev.view(T, B, H).to(acc) * drop).to(dt).reshape(T * B, H)
         dw_hh = torch.empty_like(w_hh)
         if cell == CELL_GRU:
             torch.mm(dgx[..., : 2 * H].reshape(T * B, 2 * H).t(), h_prev, out=dw_hh[: 2 * H])
@@ -652,4 +771,4 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
             torch.mm(dgx.reshape(T * B, H).t(), h_prev, out=dw_hh)
     if need_bhn:
         db_hn = dhn.sum((0, 1), dtype=acc).to(dt)
-    return (dgx if need_gx else None), dh0, dw_hh, db_hn
+    return ((dgx if need_gx else None), dh0, dw_hh, db_hn) + extra

@@ -76,6 +76,8 @@ from ._common import (
     _mm_tile,
     _sigmoid,
     _tanh,
+    _zone,
+    _zoneout_factor,
     acc_dtype,
     block_b,
     block_h,
@@ -89,6 +91,7 @@ from ._common import (
     num_warps,
     persistent_tiles,
     split_k,
+    zoneout_threshold,
 )
 from ._launch import step_launcher
 
@@ -230,8 +233,9 @@ def _lstm_bwd_step(p_da, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, 
 def _dh_from_next(
     dgx,  # (T, B, G*H) da of every step; step t_next is complete (previous launch)
     w_hh,  # (G*H, R)
-    dh,  # (B, R) ACC: the gradient reaching the state after step t_next
+    dh,  # (B, R) ACC: the gradient reaching the state after step t_next (CARRY: see below)
     lengths,  # (B,) int64 or None
+    drop,  # (B, R) ACC or None: recurrent dropout's mask (HAS_DROP)
     t_next,
     o_r,
     m_r,
@@ -246,21 +250,41 @@ def _dh_from_next(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_DROP: tl.constexpr = False,
+    CARRY: tl.constexpr = False,
 ):
     """(BLOCK_R, BLOCK_B) gradient reaching the state entering step t_next, columns o_r.
 
-    da_{t_next} W_hh[:, o_r] where t_next was live, else dh passed through unchanged.
+    da_{t_next} W_hh[:, o_r] (⊙ the dropout mask) where t_next was live, else dh passed through
+    unchanged. CARRY (zoneout of h): dh holds what step t_next passed to h_{t-1} past its cell
+    (d ⊙ dh, or dh itself where t_next was dead), added to the product where t_next was live.
     """
     # W_hh^T (rows o_r = columns of W_hh) times da^T, over G*H
     b_acc = _mm_tile(
         tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC), w_hh, dgx + t_next.to(tl.int64) * B * GH, 1, R,
         GH, o_r, m_r, o_b, m_b, GH, DOT_PREC, BLOCK_K,
     )  # fmt: skip
-    if HAS_LEN:
+    o_rb = o_b[None, :] * R + o_r[:, None]
+    m_rb = m_r[:, None] & m_b[None, :]
+    if HAS_DROP:
+        b_acc *= tl.load(drop + o_rb, mask=m_rb, other=0.0)
+    if CARRY:
+        b_old = tl.load(dh + o_rb, mask=m_rb, other=0.0)
         m_live = _live(lengths, t_next, o_b, m_b, HAS_LEN)
-        b_old = tl.load(dh + o_b[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_b[None, :])
+        b_acc = tl.where(m_live, b_acc, 0.0) + b_old
+    elif HAS_LEN:
+        m_live = _live(lengths, t_next, o_b, m_b, HAS_LEN)
+        b_old = tl.load(dh + o_rb, mask=m_rb)
         b_acc = tl.where(m_live, b_acc, b_old)
     return b_acc
+
+
+_OPTION_HEURISTICS = {
+    "HAS_RNG": lambda a: a["rng"] is not None,
+    "HAS_DROP": lambda a: a["drop"] is not None,
+    "ZONE_C": lambda a: a["z_c"] > 0,
+    "ZONE_H": lambda a: a["z_h"] > 0,
+}
 
 
 @triton.heuristics(
@@ -269,6 +293,7 @@ def _dh_from_next(
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["ms"] is not None,
         "STORE_GATES": lambda a: a["gates"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t"])
@@ -282,10 +307,17 @@ def _lstm_fwd_cell_kernel(
     w_hh,  # (G*H, R) input dtype
     w_ch,  # (3*H,) (i, f, o), or (2*H,) (f, o) when coupled, input dtype, or None
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, R) ACC: recurrent dropout's mask on h where it meets W_hh, or None
     t,  # time index of this step
     B,
     H,
     R,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_c,  # zoneout probability of c (ZONE_C: > 0), the expectation's weight in evaluation
+    z_h,  # zoneout probability of h (without projection; with one the proj kernel zones h)
+    thr_c,  # int32 threshold of c's masks (_common.zoneout_threshold)
+    thr_h,
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -298,6 +330,10 @@ def _lstm_fwd_cell_kernel(
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     STORE_GATES: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
     GI: tl.constexpr = 0  # gate row blocks (GI unused when coupled)
     GF: tl.constexpr = 0 if COUPLED else 1
@@ -325,6 +361,11 @@ def _lstm_fwd_cell_kernel(
         b_ht = tl.load(
             p_h + o_b[None, :] * R + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
         )
+        if HAS_DROP:
+            b_s = tl.load(
+                drop + o_b[None, :] * R + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
+            )
+            b_ht = (b_ht.to(ACC) * b_s).to(b_ht.dtype)
         p_w = w_hh + o_h[:, None] * R + o_k[None, :]
         m_w = m_h[:, None] & m_k[None, :]
         if not COUPLED:
@@ -348,20 +389,30 @@ def _lstm_fwd_cell_kernel(
     )  # fmt: skip
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+    if ZONE_C:  # b_c is the candidate c̃: the output above and backward use it, the state not
+        b_c = _zone(b_cp, b_c, rng, t, stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
     tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
     if STORE_GATES:
         _store_gate_blocks(gates + o_gx, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
     if HAS_PROJ:
-        # _lstm_fwd_proj_kernel applies the lengths to h and y
+        # _lstm_fwd_proj_kernel applies the lengths (and zoneout) to h and y
         tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
     else:
-        b_m = b_m.to(hs.dtype.element_ty)
         b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb)  # R == H here
+        if ZONE_H:
+            b_m = _zone(b_hp, b_m, rng, t, stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG)
+        b_m = b_m.to(hs.dtype.element_ty)
         tl.store(hs + s_out * B * R + o_c, tl.where(m_live, b_m, b_hp), mask=m_hb)
         tl.store(y + t64 * B * R + o_c, tl.where(m_live, b_m, 0.0), mask=m_hb)
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_RNG": lambda a: a["rng"] is not None,
+        "ZONE_H": lambda a: a["z_h"] > 0,
+    }
+)
 @triton.jit(do_not_specialize=["t"])
 def _lstm_fwd_proj_kernel(
     ms,  # (T, B, H) input dtype: m = o * tanh(c) of every step
@@ -369,10 +420,14 @@ def _lstm_fwd_proj_kernel(
     hs,  # (T+1, B, P) input dtype: states in time order; writes the one leaving t
     y,  # (T, B, P) input dtype
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
     t,  # time index of this step
     B,
     H,
     P,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_h,  # zoneout probability of h
+    thr_h,  # int32 threshold of h's masks
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -380,6 +435,8 @@ def _lstm_fwd_proj_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -399,13 +456,22 @@ def _lstm_fwd_proj_kernel(
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     o_h = o_b[None, :] * P + o_p[:, None]
-    b_h = b_acc.to(hs.dtype.element_ty)
     b_hp = tl.load(hs + s_in * B * P + o_h, mask=m_pb)
+    if ZONE_H:
+        b_acc = _zone(b_hp, b_acc, rng, t, stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG)
+    b_h = b_acc.to(hs.dtype.element_ty)
     tl.store(hs + s_out * B * P + o_h, tl.where(m_live, b_h, b_hp), mask=m_pb)
     tl.store(y + t64 * B * P + o_h, tl.where(m_live, b_h, 0.0), mask=m_pb)
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_RNG": lambda a: a["rng"] is not None,
+        "HAS_DROP": lambda a: a["drop"] is not None,
+        "ZONE_H": lambda a: a["z_h"] > 0,
+    }
+)
 @triton.jit(do_not_specialize=["t"])
 def _lstm_bwd_dh_kernel(
     dgx,  # (T, B, G*H) input dtype: da; step t_next (previous launch) is read
@@ -414,10 +480,15 @@ def _lstm_bwd_dh_kernel(
     dy,  # (T, B, P) input dtype
     dhs,  # (T, B, P) input dtype, out: total gradient of h_t (dy_t + recurrent), 0 when dead
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, P) ACC: recurrent dropout's mask, or None
     t,  # time index of this step
     B,
     GH,
     P,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_h,  # zoneout probability of h
+    thr_h,  # int32 threshold of h's masks
     REVERSE: tl.constexpr,
     USE_NEXT: tl.constexpr,  # False on the first backward step: dh holds dh_T
     ACC: tl.constexpr,
@@ -426,8 +497,14 @@ def _lstm_bwd_dh_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
-    """With proj_size: the recurrent dh over the P columns, before the cell backward."""
+    """With proj_size: the recurrent dh over the P columns, before the cell backward.
+
+    With zoneout of h, dhs_t is the gradient of the cell's h̃_t, (1 - d) ⊙ dh_t, and dh keeps
+    d ⊙ dh_t (dh_t where the step is dead), which reaches h_{t-1} past the cell."""
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -439,16 +516,21 @@ def _lstm_bwd_dh_kernel(
     if USE_NEXT:
         t_next = t - 1 if REVERSE else t + 1
         b_dh = _dh_from_next(
-            dgx, w_hh, dh, lengths, t_next, o_p, m_p, o_b, m_b, B, GH, P,
-            ACC, DOT_PREC, BLOCK_P, BLOCK_B, BLOCK_K, HAS_LEN,
+            dgx, w_hh, dh, lengths, drop, t_next, o_p, m_p, o_b, m_b, B, GH, P,
+            ACC, DOT_PREC, BLOCK_P, BLOCK_B, BLOCK_K, HAS_LEN, HAS_DROP, ZONE_H,
         )  # fmt: skip
-        tl.store(dh + o_dh, b_dh, mask=m_pb)
+        if not ZONE_H:
+            tl.store(dh + o_dh, b_dh, mask=m_pb)
     else:
         b_dh = tl.load(dh + o_dh, mask=m_pb, other=0.0)
-    b_dh += tl.load(dy + t64 * B * P + o_dh, mask=m_pb, other=0.0).to(ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    b_dh = tl.where(m_live, b_dh, 0.0)
-    tl.store(dhs + t64 * B * P + o_dh, b_dh.to(dhs.dtype.element_ty), mask=m_pb)
+    b_tot = b_dh + tl.load(dy + t64 * B * P + o_dh, mask=m_pb, other=0.0).to(ACC)
+    if ZONE_H:
+        b_d = _zoneout_factor(rng, t, stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG, ACC)
+        tl.store(dh + o_dh, tl.where(m_live, b_d * b_tot, b_dh), mask=m_pb)
+        b_tot = (1.0 - b_d) * b_tot
+    b_tot = tl.where(m_live, b_tot, 0.0)
+    tl.store(dhs + t64 * B * P + o_dh, b_tot.to(dhs.dtype.element_ty), mask=m_pb)
 
 
 @triton.heuristics(
@@ -456,6 +538,7 @@ def _lstm_bwd_dh_kernel(
         "HAS_PEEP": lambda a: a["w_ch"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["w_hr"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t"])
@@ -471,10 +554,17 @@ def _lstm_bwd_cell_kernel(
     w_hr,  # (P, H) input dtype or None
     w_ch,  # (3*H,) or (2*H,) input dtype, or None: peepholes
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, R) ACC: recurrent dropout's mask, or None
     t,  # time index of this step
     B,
     H,
     R,
+    stream,  # layer-direction index in the zoneout masks' counters
+    z_c,  # zoneout probability of c
+    z_h,  # zoneout probability of h (without projection: the dh kernel handles it with one)
+    thr_c,  # int32 thresholds of the masks
+    thr_h,
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -487,7 +577,16 @@ def _lstm_bwd_cell_kernel(
     HAS_PEEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
+    """Backward of step t for units o_h: dm (from dh without projection), the cell's backward,
+    da_t and dc_{t-1}. Zoneout: the gradient of h_t (c_t) splits into (1 - d) ⊙ it for the
+    cell's h̃ (c̃) and d ⊙ it, which reaches h_{t-1} (c_{t-1}) directly: dh keeps the latter
+    for the next launch (CARRY in `_dh_from_next`), dc adds it. c̃ = f c + i g is recomputed
+    from the gates (cs holds the zoned c)."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -510,25 +609,42 @@ def _lstm_bwd_cell_kernel(
         if USE_NEXT:
             t_next = t - 1 if REVERSE else t + 1
             b_dm = _dh_from_next(
-                dgx, w_hh, dh, lengths, t_next, o_h, m_h, o_b, m_b, B, G * H, R,
-                ACC, DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN,
+                dgx, w_hh, dh, lengths, drop, t_next, o_h, m_h, o_b, m_b, B, G * H, R,
+                ACC, DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN, HAS_DROP, ZONE_H,
             )  # fmt: skip
-            tl.store(dh + o_c, b_dm, mask=m_hb)
+            if not ZONE_H:
+                tl.store(dh + o_c, b_dm, mask=m_hb)
         else:
             b_dm = tl.load(dh + o_c, mask=m_hb, other=0.0)
-        b_dm += tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
+        b_tot = b_dm + tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
+        if ZONE_H:
+            b_d = _zoneout_factor(rng, t, stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG, ACC)
+            m_now = _live(lengths, t, o_b, m_b, HAS_LEN)
+            tl.store(dh + o_c, tl.where(m_now, b_d * b_tot, b_dm), mask=m_hb)
+            b_tot = (1.0 - b_d) * b_tot
+        b_dm = b_tot
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
     b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
         gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
+    if ZONE_C:
+        b_c = b_f * b_cp + b_i * b_g  # the candidate c̃ (cs holds the zoned state)
     b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    b_dc = _lstm_bwd_step(
-        dgx + o_gx, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live, m_hb, H,
-        COUPLED, HAS_PEEP,
-    )  # fmt: skip
+    if ZONE_C:
+        b_dz = _zoneout_factor(rng, t, stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
+        b_dcp = _lstm_bwd_step(
+            dgx + o_gx, b_dm, (1.0 - b_dz) * b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
+            b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
+        )  # fmt: skip
+        b_dc = tl.where(m_live, b_dcp + b_dz * b_dc, b_dc)
+    else:
+        b_dc = _lstm_bwd_step(
+            dgx + o_gx, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live,
+            m_hb, H, COUPLED, HAS_PEEP,
+        )  # fmt: skip
     tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
@@ -818,13 +934,39 @@ def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, re
     )  # fmt: skip
 
 
+def _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh) -> bool:
+    """Whether a call uses zoneout, recurrent dropout or layer norm."""
+    on = zoneout_c > 0 or zoneout_h > 0
+    return on or rng is not None or drop is not None or ln_hh is not None
+
+
+def _option_args(rng, zoneout_c, zoneout_h, stream, drop, proj: bool):
+    """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout: (those of the
+    cell kernels, those of the projection's forward and dh kernels). With a projection h is
+    zoned by the latter (z_h = 0 for the cell kernels)."""
+    z_h = float(zoneout_h)
+    common = dict(rng=rng, stream=int(stream))
+    cell = dict(common, drop=drop, z_c=float(zoneout_c), z_h=0.0 if proj else z_h,
+                thr_c=zoneout_threshold(zoneout_c), thr_h=zoneout_threshold(zoneout_h))  # fmt: skip
+    return cell, dict(common, z_h=z_h, thr_h=zoneout_threshold(zoneout_h))
+
+
 def lstm_fwd(
-    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, *, persistent=False
-):
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, rng=None,
+    zoneout_c=0.0, zoneout_h=0.0, stream=0, drop=None, ln_hh=None, ln_c_w=None, ln_c_b=None, *,
+    persistent=False,
+):  # fmt: skip
     """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring).
 
+    Options (stepwise kernels only): zoneout of c and h (masks from `rng` (2,) int64 in
+    training, the expectation without it) in layer-direction `stream`, recurrent dropout's
+    (B, R) mask `drop` in the accumulation dtype.
     persistent=True: one persistent launch when it can run safely, else the stepwise loop.
     """
+    if ln_hh is not None:
+        raise NotImplementedError("layer norm in the stepwise LSTM kernels")
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
     dev = gx.device
@@ -842,17 +984,18 @@ def lstm_fwd(
         return y, hs, cs, gates, ms
 
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
+    opt_cell, opt_proj = _option_args(rng, zoneout_c, zoneout_h, stream, drop, w_hr is not None)
     cell_grid, cell_kw = _stepwise_meta(B, H, R, "BLOCK_H")
     cell = step_launcher(
         _lstm_fwd_cell_kernel, cell_grid, ("t",), gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms,
         w_hh=w_hh, w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
-        **cell_kw,
+        **cell_kw, **opt_cell,
     )  # fmt: skip
     if w_hr is not None:
         proj_grid, proj_kw = _stepwise_meta(B, R, H, "BLOCK_P")
         proj = step_launcher(
             _lstm_fwd_proj_kernel, proj_grid, ("t",), ms=ms, w_hr=w_hr, hs=hs, y=y,
-            lengths=lengths, B=B, H=H, P=R, **kw, **proj_kw,
+            lengths=lengths, B=B, H=H, P=R, **kw, **proj_kw, **opt_proj,
         )  # fmt: skip
     for s in range(T):
         t = T - 1 - s if reverse else s
@@ -881,13 +1024,22 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
 
 
 def lstm_bwd(
-    dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs, *,
-    persistent=False,
+    dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
+    aux=None, rng=None, zoneout_c=0.0, zoneout_h=0.0, stream=0, drop=None, ln_hh=None,
+    ln_c_w=None, ln_c_b=None, *, persistent=False,
 ):  # fmt: skip
-    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed).
+    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed),
+    and the layer-norm gradients (dln_hh, dln_c_w, dln_c_b) when `needs` has their 3 flags.
 
-    persistent=True: one persistent launch when it can run safely, else the stepwise loop.
+    The options as `lstm_fwd`'s (the same rng, stream and mask: the zoneout masks are drawn
+    again, not stored). persistent=True: one persistent launch when it can run safely, else the
+    stepwise loop.
     """
+    if ln_hh is not None:
+        raise NotImplementedError("layer norm in the stepwise LSTM kernels")
+    options = (rng, zoneout_c, zoneout_h, stream, drop)
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH = gates.shape
     R = w_hh.shape[1]
     dt, acc = hs.dtype, cs.dtype
@@ -905,24 +1057,27 @@ def lstm_bwd(
         )
     ):
         _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
-                           coupled)  # fmt: skip
-    return _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs)
+                           coupled, options)  # fmt: skip
+    grads = _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled,
+                              needs[:6], gates, options)  # fmt: skip
+    return grads + (None,) * (len(needs) - 6)
 
 
 def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
-                       coupled):  # fmt: skip
+                       coupled, options=(None, 0.0, 0.0, 0, None)):  # fmt: skip
     """One launch (two with a projection) per step, reverse time order."""
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype))
+    opt_cell, opt_dh = _option_args(*options, w_hr is not None)
     cell_grid, cell_kw = _stepwise_meta(B, H, R if w_hr is not None else GH, "BLOCK_H")
     cell_kw.update(
         dgx=dgx, gates=gates, cs=cs, dc=dc, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
-        w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
+        w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw, **opt_cell,
     )  # fmt: skip
     if w_hr is not None:
         dh_grid, dh_kw = _stepwise_meta(B, R, GH, "BLOCK_P")
         dh_kw.update(dgx=dgx, w_hh=w_hh, dh=dh, dy=dy, dhs=dhs, lengths=lengths, B=B, GH=GH, P=R,
-                     **kw)  # fmt: skip
+                     drop=options[4], **kw, **opt_dh)  # fmt: skip
     # the first step processed (s = T - 1) has no later step to take dh from: its own variant
     t = 0 if reverse else T - 1
     if w_hr is not None:
@@ -937,12 +1092,18 @@ def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, length
         cell(t)
 
 
-def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs):
+def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs,
+                      gates=None, options=(None, 0.0, 0.0, 0, None)):  # fmt: skip
     """After the reverse loop: dh0, dc0 and the weight gradients, one GEMM / reduction each over
-    all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)."""
+    all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch).
+
+    Recurrent dropout: W_hh met h ⊙ mask. Zoneout of h: dh holds what the first step processed
+    passed to h0 past its cell. Zoneout of c: the peephole of o saw the candidate c̃ = f c + i g
+    (recomputed from `gates`), not the zoned state in cs."""
     T, B, GH, G, H, R = _dims(dgx, w_hh, coupled)
     dt, acc = hs.dtype, cs.dtype
     need_gx, need_h0, need_c0, need_whh, need_whr, need_wch = needs
+    _, zoneout_c, zoneout_h, _, drop = options
     h_prev = hs[1:] if reverse else hs[:-1]  # (T, B, R): the state each step read
     c_prev = cs[1:] if reverse else cs[:-1]
     c_new = cs[:-1] if reverse else cs[1:]
@@ -950,18 +1111,28 @@ def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coup
     if need_h0:
         t0 = T - 1 if reverse else 0  # the first step processed read h0
         dh0 = dgx[t0].to(acc) @ w_hh.to(acc)
+        if drop is not None:
+            dh0 = dh0 * drop
+        if zoneout_h > 0:
+            dh0 = dh0 + dh
         if lengths is not None:
             dh0 = torch.where((lengths > t0)[:, None], dh0, dh)
         dh0 = dh0.to(dt)
     if need_c0:
         dc0 = dc.to(dt)
     if need_whh:
+        if drop is not None:
+            h_prev = (h_prev.to(acc) * drop).to(dt)
         dw_hh = dgx.reshape(T * B, GH).t() @ h_prev.reshape(T * B, R)
     if need_whr:
         dw_hr = dhs.reshape(T * B, R).t() @ ms.reshape(T * B, H)
     if need_wch:
         da = dgx.view(T, B, G, H).to(acc)
         gf = 0 if coupled else 1
+        if zoneout_c > 0:
+            blocks = gates.view(T, B, G, H)
+            i = 1.0 - blocks[:, :, 0] if coupled else blocks[:, :, 0]
+            c_new = blocks[:, :, gf] * c_prev + i * blocks[:, :, gf + 1]
         parts = [] if coupled else [(da[:, :, 0] * c_prev).sum((0, 1))]
         parts += [(da[:, :, gf] * c_prev).sum((0, 1)), (da[:, :, gf + 2] * c_new).sum((0, 1))]
         dw_ch = torch.cat(parts).to(dt)

@@ -611,3 +611,103 @@ def test_cell_zoneout_draws_per_call():
     torch.manual_seed(4)
     assert torch.equal(a, m(x, h))
     assert not torch.equal(a, m(x, h))
+
+
+# ============================================================================ stepwise kernels
+
+FUSED = [b for b in ("stepwise", "persistent") if b in fused_rnn.available_backends(DEVICE)]
+needs_fused = pytest.mark.skipif(not FUSED, reason="no fused backend (Triton) on this machine")
+
+if FUSED:
+    import triton
+    import triton.language as tl
+
+    from fused_rnn.kernels import _common
+
+    @triton.jit
+    def _masks_kernel(rng, out, t, stream, thr, B, W, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+        """(B, W) int8 zoneout masks of step t through the kernels' helper."""
+        o_w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        o_b = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        keep = _common._zoneout_keep(rng, t, stream, o_w, o_b, W, WHICH, thr)
+        m = (o_w[:, None] < W) & (o_b[None, :] < B)
+        tl.store(out + o_b[None, :] * W + o_w[:, None], keep.to(tl.int8), mask=m)
+
+
+@needs_fused
+@pytest.mark.parametrize("W, B, T", [(33, 3, 4), (16, 1, 2), (5, 17, 3)])
+def test_kernel_masks_bit_identical(W, B, T):
+    """The kernels' `_zoneout_keep` (Triton's Philox: tl.philox, under the interpreter the
+    numpy implementation in triton/runtime/interpreter.py) against fused_rnn._rng, bit for bit,
+    for tiles that do not divide the shape."""
+    rng = torch.tensor([2**62 + 12345, 2**31 - 7], device=DEVICE)
+    for p, which, stream in ((0.3, 0, 0), (0.5, 1, 3), (0.97, 0, 5)):
+        thr = _common.zoneout_threshold(p)
+        assert thr == _rng.threshold(p)
+        for t in range(T):
+            out = torch.full((B, W), -1, dtype=torch.int8, device=DEVICE)
+            grid = (triton.cdiv(W, 16), triton.cdiv(B, 16))
+            _masks_kernel[grid](rng, out, t, stream, thr, B, W, which, 16)
+            want = _rng.keep_mask(rng, t, B, W, stream, which, p)
+            assert torch.equal(out.bool(), want) and (out >= 0).all()
+
+
+KERNEL_CASES = {
+    "LSTM-2l-packed": ("LSTM", dict(layers=2, bi=False, lens=True)),
+    "LSTM-proj-peep-packed": ("LSTM", dict(proj=3, peep=True, lens=True, bi=False)),
+    "LSTM-coupled-eval": ("LSTM", dict(coupled=True, train=False, bi=False)),
+    "GRU-bi-packed": ("GRU", dict(layers=1, lens=True)),
+    "GRU-eval": ("GRU", dict(layers=1, bi=False, train=False)),
+    "RNN-bi-packed": ("RNN_TANH", dict(layers=1, lens=True)),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_stepwise_matches_reference(case):
+    """The stepwise kernels with zoneout and recurrent dropout (masks drawn in the kernels, the
+    reference's from fused_rnn._rng: equal outputs prove equal masks) in float64."""
+    mode, kw = KERNEL_CASES[case]
+    check_module(mode, backend="stepwise", ln=False, zone=(0.3, 0.4), p=0.25, **kw)
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_persistent_falls_back_to_stepwise(mode, monkeypatch):
+    """backend="persistent" with an option runs the stepwise kernels (the persistent ones have
+    no options yet): never a persistent launch, the stepwise results."""
+    from fused_rnn.kernels import _common, gru, lstm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a persistent kernel was launched with options on")
+
+    monkeypatch.setattr(_common, "launch_persistent", refuse)
+    monkeypatch.setattr(lstm, "launch_persistent", refuse)
+    monkeypatch.setattr(gru, "launch_persistent", refuse)
+    m = _module(mode, layers=1, bi=False, zone=(0.2, 0.3), p=0.2, backend="persistent")
+    x = torch.randn(3, 2, 5, **F64, requires_grad=True)
+    torch.manual_seed(8)
+    y = m(x)[0]
+    (g,) = torch.autograd.grad(y.sum(), x)
+    m.backend = "stepwise"
+    torch.manual_seed(8)
+    y2 = m(x)[0]
+    (g2,) = torch.autograd.grad(y2.sum(), x)
+    assert torch.equal(y, y2) and torch.equal(g, g2)
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_stepwise_fp32_matches_torch_path(mode, native_off):
+    """fp32 kernels against the fp32 torch loop with the same masks; 1e-5 relative: fp32
+    rounding (~6e-8) over a few steps and products of width <= 28, with margin."""
+    m = _module(mode, layers=1, bi=True, zone=(0.3, 0.4), p=0.25).float().train()
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    outs = {}
+    for backend in ("stepwise", "torch"):
+        m.backend = backend
+        torch.manual_seed(2)
+        y = m(x)[0]
+        outs[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, *m.parameters()]))
+    for a, b in zip(outs["stepwise"], outs["torch"]):
+        assert _rel(a.double(), b.double()) < 1e-5
