@@ -259,7 +259,7 @@ def _fwd_step_kernel(
     s_out,  # hs slot of h' (t + 1, or t with reverse)
     B,
     H,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_h,  # zoneout probability (ZONE_H: > 0), the expectation's weight in evaluation
     thr_h,  # int32 threshold of the masks (_common.zoneout_threshold)
     CELL: tl.constexpr,
@@ -332,7 +332,7 @@ def _fwd_step_kernel(
                 _gru_store_ws(ws + o_ws, b_r, b_z, b_n, b_an, m_hb, H)
             else:  # the RNN's backward needs act'(h̃), which the zoned state no longer shows
                 tl.store(ws + i_t * B * H + o_bh, b_hnew, mask=m_hb)
-        b_hnew = _zone(b_h, b_hnew, rng, t, stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
+        b_hnew = _zone(b_h, b_hnew, rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
         b_hnew = b_hnew.to(hs.dtype.element_ty)
         tl.store(p_hout, tl.where(m_live, b_hnew, b_h), mask=m_hb)
         tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
@@ -363,7 +363,7 @@ def _bwd_step_kernel(
     s_out,  # hs slot of h'
     B,
     H,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_h,  # zoneout probability
     thr_h,  # int32 threshold of the masks
     CELL: tl.constexpr,
@@ -429,7 +429,7 @@ def _bwd_step_kernel(
         )  # fmt: skip
         if ZONE_H:
             b_tot = b_dh + tl.where(m_live, b_dy, 0.0)
-            b_d = _zoneout_factor(rng, t, stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG, ACC)
+            b_d = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG, ACC)
             b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
                 (1.0 - b_d) * b_tot, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
             )
@@ -647,7 +647,7 @@ def _has_options(rng, zoneout, drop, ln_hh) -> bool:
 def _option_args(rng, zoneout, stream, drop) -> dict:
     """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout."""
     z = float(zoneout)
-    return dict(rng=rng, drop=drop, stream=int(stream), z_h=z, thr_h=zoneout_threshold(z))
+    return dict(rng=rng, drop=drop, z_stream=int(stream), z_h=z, thr_h=zoneout_threshold(z))
 
 
 def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout=0.0, stream=0,

@@ -313,7 +313,7 @@ def _lstm_fwd_cell_kernel(
     B,
     H,
     R,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_c,  # zoneout probability of c (ZONE_C: > 0), the expectation's weight in evaluation
     z_h,  # zoneout probability of h (without projection; with one the proj kernel zones h)
     thr_c,  # int32 threshold of c's masks (_common.zoneout_threshold)
@@ -390,7 +390,7 @@ def _lstm_fwd_cell_kernel(
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     if ZONE_C:  # b_c is the candidate c̃: the output above and backward use it, the state not
-        b_c = _zone(b_cp, b_c, rng, t, stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
+        b_c = _zone(b_cp, b_c, rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
     tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
     if STORE_GATES:
         _store_gate_blocks(gates + o_gx, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
@@ -400,7 +400,7 @@ def _lstm_fwd_cell_kernel(
     else:
         b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb)  # R == H here
         if ZONE_H:
-            b_m = _zone(b_hp, b_m, rng, t, stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG)
+            b_m = _zone(b_hp, b_m, rng, t, z_stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG)
         b_m = b_m.to(hs.dtype.element_ty)
         tl.store(hs + s_out * B * R + o_c, tl.where(m_live, b_m, b_hp), mask=m_hb)
         tl.store(y + t64 * B * R + o_c, tl.where(m_live, b_m, 0.0), mask=m_hb)
@@ -425,7 +425,7 @@ def _lstm_fwd_proj_kernel(
     B,
     H,
     P,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_h,  # zoneout probability of h
     thr_h,  # int32 threshold of h's masks
     REVERSE: tl.constexpr,
@@ -458,7 +458,7 @@ def _lstm_fwd_proj_kernel(
     o_h = o_b[None, :] * P + o_p[:, None]
     b_hp = tl.load(hs + s_in * B * P + o_h, mask=m_pb)
     if ZONE_H:
-        b_acc = _zone(b_hp, b_acc, rng, t, stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG)
+        b_acc = _zone(b_hp, b_acc, rng, t, z_stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG)
     b_h = b_acc.to(hs.dtype.element_ty)
     tl.store(hs + s_out * B * P + o_h, tl.where(m_live, b_h, b_hp), mask=m_pb)
     tl.store(y + t64 * B * P + o_h, tl.where(m_live, b_h, 0.0), mask=m_pb)
@@ -486,7 +486,7 @@ def _lstm_bwd_dh_kernel(
     B,
     GH,
     P,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_h,  # zoneout probability of h
     thr_h,  # int32 threshold of h's masks
     REVERSE: tl.constexpr,
@@ -526,7 +526,7 @@ def _lstm_bwd_dh_kernel(
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     b_tot = b_dh + tl.load(dy + t64 * B * P + o_dh, mask=m_pb, other=0.0).to(ACC)
     if ZONE_H:
-        b_d = _zoneout_factor(rng, t, stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG, ACC)
+        b_d = _zoneout_factor(rng, t, z_stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG, ACC)
         tl.store(dh + o_dh, tl.where(m_live, b_d * b_tot, b_dh), mask=m_pb)
         b_tot = (1.0 - b_d) * b_tot
     b_tot = tl.where(m_live, b_tot, 0.0)
@@ -560,7 +560,7 @@ def _lstm_bwd_cell_kernel(
     B,
     H,
     R,
-    stream,  # layer-direction index in the zoneout masks' counters
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
     z_c,  # zoneout probability of c
     z_h,  # zoneout probability of h (without projection: the dh kernel handles it with one)
     thr_c,  # int32 thresholds of the masks
@@ -618,7 +618,7 @@ def _lstm_bwd_cell_kernel(
             b_dm = tl.load(dh + o_c, mask=m_hb, other=0.0)
         b_tot = b_dm + tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
         if ZONE_H:
-            b_d = _zoneout_factor(rng, t, stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG, ACC)
+            b_d = _zoneout_factor(rng, t, z_stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG, ACC)
             m_now = _live(lengths, t, o_b, m_b, HAS_LEN)
             tl.store(dh + o_c, tl.where(m_now, b_d * b_tot, b_dm), mask=m_hb)
             b_tot = (1.0 - b_d) * b_tot
@@ -634,7 +634,7 @@ def _lstm_bwd_cell_kernel(
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     if ZONE_C:
-        b_dz = _zoneout_factor(rng, t, stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
+        b_dz = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
         b_dcp = _lstm_bwd_step(
             dgx + o_gx, b_dm, (1.0 - b_dz) * b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
             b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
@@ -945,7 +945,7 @@ def _option_args(rng, zoneout_c, zoneout_h, stream, drop, proj: bool):
     cell kernels, those of the projection's forward and dh kernels). With a projection h is
     zoned by the latter (z_h = 0 for the cell kernels)."""
     z_h = float(zoneout_h)
-    common = dict(rng=rng, stream=int(stream))
+    common = dict(rng=rng, z_stream=int(stream))
     cell = dict(common, drop=drop, z_c=float(zoneout_c), z_h=0.0 if proj else z_h,
                 thr_c=zoneout_threshold(zoneout_c), thr_h=zoneout_threshold(zoneout_h))  # fmt: skip
     return cell, dict(common, z_h=z_h, thr_h=zoneout_threshold(zoneout_h))

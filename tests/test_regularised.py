@@ -625,11 +625,11 @@ if FUSED:
     from fused_rnn.kernels import _common
 
     @triton.jit
-    def _masks_kernel(rng, out, t, stream, thr, B, W, WHICH: tl.constexpr, BLOCK: tl.constexpr):
+    def _masks_kernel(rng, out, t, z_stream, thr, B, W, WHICH: tl.constexpr, BLOCK: tl.constexpr):
         """(B, W) int8 zoneout masks of step t through the kernels' helper."""
         o_w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         o_b = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = _common._zoneout_keep(rng, t, stream, o_w, o_b, W, WHICH, thr)
+        keep = _common._zoneout_keep(rng, t, z_stream, o_w, o_b, W, WHICH, thr)
         m = (o_w[:, None] < W) & (o_b[None, :] < B)
         tl.store(out + o_b[None, :] * W + o_w[:, None], keep.to(tl.int8), mask=m)
 
@@ -711,3 +711,57 @@ def test_stepwise_fp32_matches_torch_path(mode, native_off):
         outs[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, *m.parameters()]))
     for a, b in zip(outs["stepwise"], outs["torch"]):
         assert _rel(a.double(), b.double()) < 1e-5
+
+
+_COMPILED_SCRIPT = """
+import json
+import torch
+from fused_rnn.bench.host_cost import stub_cuda_driver
+from fused_rnn.kernels import gru, lstm
+from fused_rnn.kernels._launch import STATS
+
+T, B, H, P = 5, 3, 20, 12
+rng = torch.tensor([11, 7])
+with stub_cuda_driver() as seen:
+    for proj in (0, P):
+        R = proj or H
+        gx, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, R), torch.randn(B, H)
+        w_hh, drop = torch.randn(4 * H, R), torch.ones(B, R)
+        w_hr = torch.randn(P, H) if proj else None
+        opts = (rng, 0.2, 0.3, 1, drop)
+        y, hs, cs, gates, ms = lstm.lstm_fwd(gx, h0, c0, w_hh, w_hr, None, None, False, False,
+                                             True, *opts)
+        lstm.lstm_bwd(y, h0, c0, hs, cs, gates, ms, w_hh, w_hr, None, None, False, False,
+                      (True,) * 4 + (proj > 0, False), None, *opts)
+    for cell, G in ((gru.CELL_GRU, 3), (gru.CELL_RNN_TANH, 1)):
+        gx, h0, drop = torch.randn(T, B, G * H), torch.randn(B, H), torch.ones(B, H)
+        w_hh = torch.randn(G * H, H)
+        y, hs, ws = gru.gru_fwd(cell, gx, h0, w_hh, None, None, True, True, rng, 0.25, 2, drop)
+        gru.gru_bwd(cell, y, h0, hs, ws, w_hh, None, True, (True, True, True, False), None, rng,
+                    0.25, 2, drop)
+print(json.dumps({"stats": dict(STATS), "raw": seen.raw}))
+"""
+
+
+@pytest.mark.slow
+@needs_fused
+def test_option_kernels_compile_for_sm90_and_launch_lean():
+    """The option kernels compiled for sm_90 (Triton's real compiler and launch path, under the
+    stub CUDA driver of bench/host_cost.py: nothing runs): every argument binds (a kernel
+    argument named like a launch option would not), tl.philox compiles, and the stepwise loops
+    take the lean launch path."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", FUSED_RNN_POISON="0")
+    env.pop("FUSED_RNN_LEAN_LAUNCH", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # lean loops: LSTM fwd 1 + bwd 1, with proj 2 + 2; GRU and RNN fwd 1 + bwd 1 each
+    assert res["stats"].get("lean") == 10, res["stats"]
+    assert not any(k.startswith("plain") for k in res["stats"]), res["stats"]
+    assert res["raw"] > 0
