@@ -102,13 +102,13 @@ def test_draw_follows_the_seed():
 
 
 def _module(mode, *, layers=2, bi=True, proj=0, peep=False, coupled=False, zone=(0.0, 0.0),
-            p=0.0, ln=False, backend="torch"):  # fmt: skip
+            p=0.0, ln=False, backend="torch", H=7):  # fmt: skip
     kw = dict(zoneout=zone if mode == "LSTM" else zone[1], recurrent_dropout=p)
     if ln:
         kw["layer_norm"] = True
     if mode == "LSTM":
         kw.update(proj_size=proj, peephole=peep, coupled_gates=coupled)
-    m = CLASSES[mode](5, 7, layers, bidirectional=bi, backend=backend, **F64, **kw)
+    m = CLASSES[mode](5, H, layers, bidirectional=bi, backend=backend, **F64, **kw)
     with torch.no_grad():  # gains and biases away from their init, so that they matter
         for name, q in m.named_parameters():
             if "_ln_" in name:
@@ -142,12 +142,12 @@ def _rel(a, b):
 
 def check_module(mode, *, train=True, lens=False, layers=2, bi=True, proj=0, peep=False,
                  coupled=False, zone=(0.3, 0.2), p=0.25, ln=True, backend="torch", tol=TOL64,
-                 T=5, B=4):  # fmt: skip
+                 T=5, B=4, H=7):  # fmt: skip
     """The module (float64) against reference.stack: output, final states, all gradients."""
     if mode != "LSTM":
         zone = (0.0, zone[1])
     m = _module(mode, layers=layers, bi=bi, proj=proj, peep=peep, coupled=coupled, zone=zone,
-                p=p, ln=ln, backend=backend).train(train)  # fmt: skip
+                p=p, ln=ln, backend=backend, H=H).train(train)  # fmt: skip
     D = 2 if bi else 1
     R = proj or m.hidden_size
     x = torch.randn(T, B, 5, **F64, requires_grad=True)
@@ -155,7 +155,7 @@ def check_module(mode, *, train=True, lens=False, layers=2, bi=True, proj=0, pee
     c0 = torch.randn(layers * D, B, m.hidden_size, **F64, requires_grad=True)
     hx = (h0, c0) if mode == "LSTM" else h0
     # descending lengths: the packed batch order is the caller's, so the replayed masks line up
-    lengths = torch.tensor([T, T - 1, 2, 1][:B]) if lens else None
+    lengths = torch.linspace(T, 1, B).round().long() if lens else None  # from T down to 1
     torch.manual_seed(77)
     if lens:
         out, hn = m(pack_padded_sequence(x, lengths), hx)
@@ -653,22 +653,69 @@ def test_kernel_masks_bit_identical(W, B, T):
 
 
 KERNEL_CASES = {
-    "LSTM-2l-packed": ("LSTM", dict(layers=2, bi=False, lens=True)),
-    "LSTM-proj-peep-packed": ("LSTM", dict(proj=3, peep=True, lens=True, bi=False)),
-    "LSTM-coupled-eval": ("LSTM", dict(coupled=True, train=False, bi=False)),
-    "GRU-bi-packed": ("GRU", dict(layers=1, lens=True)),
-    "GRU-eval": ("GRU", dict(layers=1, bi=False, train=False)),
-    "RNN-bi-packed": ("RNN_TANH", dict(layers=1, lens=True)),
+    "LSTM-2l-packed": ("LSTM", dict(layers=2, bi=False, lens=True, ln=False)),
+    "LSTM-ln-bi-packed": ("LSTM", dict(layers=1, lens=True)),
+    "LSTM-ln-proj-peep-packed": ("LSTM", dict(proj=3, peep=True, lens=True, bi=False)),
+    "LSTM-ln-coupled-eval": ("LSTM", dict(coupled=True, train=False, bi=False, layers=1)),
+    "LSTM-ln-only": ("LSTM", dict(layers=1, bi=False, zone=(0.0, 0.0), p=0.0)),
+    "GRU-bi-packed": ("GRU", dict(layers=1, lens=True, ln=False)),
+    "GRU-ln-bi-packed": ("GRU", dict(layers=1, lens=True)),
+    "GRU-ln-eval": ("GRU", dict(layers=1, bi=False, train=False)),
+    "RNN-bi-packed": ("RNN_TANH", dict(layers=1, lens=True, ln=False)),
 }
 
 
 @needs_fused
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_stepwise_matches_reference(case):
-    """The stepwise kernels with zoneout and recurrent dropout (masks drawn in the kernels, the
-    reference's from fused_rnn._rng: equal outputs prove equal masks) in float64."""
+    """The stepwise kernels with zoneout, recurrent dropout and layer norm (masks drawn in the
+    kernels, the reference's from fused_rnn._rng: equal outputs prove equal masks), float64."""
     mode, kw = KERNEL_CASES[case]
-    check_module(mode, backend="stepwise", ln=False, zone=(0.3, 0.4), p=0.25, **kw)
+    kw = {"zone": (0.3, 0.4), "p": 0.25, "ln": True, **kw}
+    check_module(mode, backend="stepwise", **kw)
+
+
+SMALL_TILE_CASES = {
+    "LSTM-ln-zoneout-dropout": ("LSTM", dict(lens=True)),
+    "LSTM-ln-proj": ("LSTM", dict(lens=True, proj=20)),
+    "LSTM-ln-peep-coupled-eval": ("LSTM", dict(peep=True, coupled=True, train=False, p=0.0)),
+    "GRU-ln-zoneout-dropout": ("GRU", dict(lens=True)),
+    "RNN-zoneout-dropout": ("RNN_TANH", dict(lens=True, ln=False)),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("case", list(SMALL_TILE_CASES))
+def test_stepwise_small_tiles(case, monkeypatch):
+    """GPU-like tiling (16-wide tiles: 3 programs along H=40, 2 along B=18, phase 1 of layer
+    norm in 10 or 8 blocks, multi-chunk products): the reductions across programs (the layer
+    norms' statistics and backward row sums), masks and offsets of partial tiles."""
+    from fused_rnn.kernels import gru, lstm
+
+    for mod in (lstm, gru):
+        monkeypatch.setattr(mod, "block_b", lambda B: 16)
+        monkeypatch.setattr(mod, "block_h", lambda H, n_b=1: 16)
+        monkeypatch.setattr(mod, "block_k", lambda K: 16)
+    mode, kw = SMALL_TILE_CASES[case]
+    kw = {"zone": (0.3, 0.3), "p": 0.25, "ln": True, **kw}
+    check_module(mode, backend="stepwise", layers=1, bi=False, H=40, B=18, T=3, **kw)
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_stepwise_inference_without_grad(mode):
+    """No gradient wanted: layer norm's buffer is one reused slot, zoneout the expectation; the
+    same outputs as with a gradient (which keep every step)."""
+    m = _module(mode, layers=1, bi=False, zone=(0.3, 0.4), p=0.25, ln=True, backend="stepwise")
+    m.eval()
+    x = torch.randn(4, 3, 5, **F64)
+    with torch.no_grad():
+        y = m(x)[0]
+    x.requires_grad_()
+    y2 = m(x)[0]
+    assert torch.equal(y, y2.detach())
+    m.backend = "torch"
+    assert _rel(y, m(x)[0].detach()) < TOL64
 
 
 @needs_fused
@@ -701,7 +748,7 @@ def test_persistent_falls_back_to_stepwise(mode, monkeypatch):
 def test_stepwise_fp32_matches_torch_path(mode, native_off):
     """fp32 kernels against the fp32 torch loop with the same masks; 1e-5 relative: fp32
     rounding (~6e-8) over a few steps and products of width <= 28, with margin."""
-    m = _module(mode, layers=1, bi=True, zone=(0.3, 0.4), p=0.25).float().train()
+    m = _module(mode, layers=1, bi=True, zone=(0.3, 0.4), p=0.25, ln=True).float().train()
     x = torch.randn(4, 3, 5, requires_grad=True)
     outs = {}
     for backend in ("stepwise", "torch"):
@@ -728,17 +775,22 @@ with stub_cuda_driver() as seen:
         gx, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, R), torch.randn(B, H)
         w_hh, drop = torch.randn(4 * H, R), torch.ones(B, R)
         w_hr = torch.randn(P, H) if proj else None
-        opts = (rng, 0.2, 0.3, 1, drop)
-        y, hs, cs, gates, ms = lstm.lstm_fwd(gx, h0, c0, w_hh, w_hr, None, None, False, False,
-                                             True, *opts)
-        lstm.lstm_bwd(y, h0, c0, hs, cs, gates, ms, w_hh, w_hr, None, None, False, False,
-                      (True,) * 4 + (proj > 0, False), None, *opts)
-    for cell, G in ((gru.CELL_GRU, 3), (gru.CELL_RNN_TANH, 1)):
+        for ln in (None, (torch.ones(4 * H), torch.ones(H), torch.zeros(H))):
+            opts = (rng, 0.2, 0.3, 1, drop) + (ln or ())
+            y, hs, cs, gates, ms, *aux = lstm.lstm_fwd(gx, h0, c0, w_hh, w_hr, None, None, False,
+                                                       False, True, *opts)
+            needs = (True,) * 4 + (proj > 0, False) + ((True,) * 3 if ln else ())
+            lstm.lstm_bwd(y, h0, c0, hs, cs, gates, ms, w_hh, w_hr, None, None, False, False,
+                          needs, aux[0] if aux else None, *opts)
+    for cell, G, ln in ((gru.CELL_GRU, 3, None), (gru.CELL_RNN_TANH, 1, None),
+                        (gru.CELL_GRU, 3, torch.ones(9 * H // 3))):
         gx, h0, drop = torch.randn(T, B, G * H), torch.randn(B, H), torch.ones(B, H)
         w_hh = torch.randn(G * H, H)
-        y, hs, ws = gru.gru_fwd(cell, gx, h0, w_hh, None, None, True, True, rng, 0.25, 2, drop)
-        gru.gru_bwd(cell, y, h0, hs, ws, w_hh, None, True, (True, True, True, False), None, rng,
-                    0.25, 2, drop)
+        y, hs, ws, *aux = gru.gru_fwd(cell, gx, h0, w_hh, None, None, True, True, rng, 0.25, 2,
+                                      drop, ln)
+        needs = (True, True, True, False) + ((True,) if ln is not None else ())
+        gru.gru_bwd(cell, y, h0, hs, ws, w_hh, None, True, needs, aux[0] if aux else None, rng,
+                    0.25, 2, drop, ln)
 print(json.dumps({"stats": dict(STATS), "raw": seen.raw}))
 """
 
@@ -748,8 +800,8 @@ print(json.dumps({"stats": dict(STATS), "raw": seen.raw}))
 def test_option_kernels_compile_for_sm90_and_launch_lean():
     """The option kernels compiled for sm_90 (Triton's real compiler and launch path, under the
     stub CUDA driver of bench/host_cost.py: nothing runs): every argument binds (a kernel
-    argument named like a launch option would not), tl.philox compiles, and the stepwise loops
-    take the lean launch path."""
+    argument named like a launch option would not), tl.philox and the layer-norm kernels
+    compile, and every stepwise loop takes the lean launch path."""
     import subprocess
     import sys
 
@@ -761,7 +813,8 @@ def test_option_kernels_compile_for_sm90_and_launch_lean():
     import json
 
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    # lean loops: LSTM fwd 1 + bwd 1, with proj 2 + 2; GRU and RNN fwd 1 + bwd 1 each
-    assert res["stats"].get("lean") == 10, res["stats"]
+    # lean loops: LSTM fwd 1 + bwd 1, with proj 2 + 2; with layer norm fwd 3 + bwd 2, with
+    # proj 4 + 3; GRU and RNN fwd 1 + bwd 1 each, the GRU with layer norm 2 + 1
+    assert res["stats"].get("lean") == 25, res["stats"]
     assert not any(k.startswith("plain") for k in res["stats"]), res["stats"]
     assert res["raw"] > 0
