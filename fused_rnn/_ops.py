@@ -6,27 +6,42 @@ Four operators, one recurrence contract, three implementations chosen by the las
 through the integer `cell` (0 GRU, 1 RNN tanh, 2 RNN relu: `CELLS`):
 
     fused_rnn::lstm_fwd(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr,
-        Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, str backend)
-        -> (y, h_T, c_T, hs, cs, gates, ms)
+        Tensor? w_ch, Tensor? lengths, bool reverse, bool coupled, bool store, str backend,
+        <LSTM options>) -> (y, h_T, c_T, hs, cs, gates, ms, aux)
     fused_rnn::lstm_bwd(Tensor dy, Tensor dhT, Tensor dcT, Tensor hs, Tensor cs, Tensor gates,
         Tensor ms, Tensor w_hh, Tensor? w_hr, Tensor? w_ch, Tensor? lengths, bool reverse,
-        bool coupled, bool[] needs, str backend) -> (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)
+        bool coupled, bool[] needs, str backend, Tensor? aux=None, <LSTM options>)
+        -> (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch, dln_hh, dln_c_w, dln_c_b)
     fused_rnn::gru_fwd(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hn, Tensor? lengths,
-        bool reverse, int cell, bool store, str backend) -> (y, h_T, hs, ws)
+        bool reverse, int cell, bool store, str backend, <GRU options>)
+        -> (y, h_T, hs, ws, aux)
     fused_rnn::gru_bwd(Tensor dy, Tensor dhT, Tensor hs, Tensor ws, Tensor w_hh,
-        Tensor? lengths, bool reverse, int cell, bool[] needs, str backend)
-        -> (dgx, dh0, dw_hh, db_hn)
+        Tensor? lengths, bool reverse, int cell, bool[] needs, str backend, Tensor? aux=None,
+        <GRU options>) -> (dgx, dh0, dw_hh, db_hn, dln_hh)
 
-The forward operators return what backward needs (hs, cs, gates, ms / hs, ws: see the kernel
-files' docstrings) as extra, non-differentiable outputs; a schema cannot return None, so a
-buffer that does not exist (gates without `store`, ms without a projection, ws for the RNN) is
-an empty tensor, and so is a gradient that `needs` did not ask for. `store` (keep what backward
-needs) is decided by the caller, from grad mode and requires_grad, outside the operator.
+    <LSTM options> = Tensor? rng=None, float zoneout_c=0., float zoneout_h=0., int stream=0,
+        Tensor? drop=None, Tensor? ln_hh=None, Tensor? ln_c_w=None, Tensor? ln_c_b=None
+    <GRU options>  = Tensor? rng=None, float zoneout=0., int stream=0, Tensor? drop=None,
+        Tensor? ln_hh=None
+
+The options (zoneout, recurrent dropout, layer norm; see `_LSTM_OPTS` below) are optional
+arguments at the end, off by default, so calls without them are the calls of before. `needs`
+holds 6 (LSTM) or 4 (GRU) flags, or with the layer-norm gradients 9 or 5.
+
+The forward operators return what backward needs (hs, cs, gates, ms / hs, ws, and aux, layer
+norm's normalised products and statistics: see the kernel files' docstrings) as extra,
+non-differentiable outputs; a schema cannot return None, so a buffer that does not exist
+(gates without `store`, ms without a projection, ws for the RNN without zoneout, aux without
+layer norm) is an empty tensor, and so is a gradient that `needs` did not ask for. `store`
+(keep what backward needs) is decided by the caller, from grad mode and requires_grad, outside
+the operator.
 
 The autograd formula is registered on the forward operators (`register_autograd`): eager and
 compiled runs share it, and torch.compile / torch.export see one opaque node per layer and
 direction whatever the sequence length, with a fake implementation for shapes (symbolic in T).
-First-order gradients run the backward operator. Gradients of gradients (`create_graph=True`:
+First-order gradients run the backward operator, which draws the zoneout masks again from the
+saved (seed, offset) `rng` (nothing of size T x B x H is kept for them). Gradients of gradients
+(`create_graph=True`:
 gradient penalties, meta-learning, Hessian-vector products) are formed by recomputing the layer
 with differentiable torch ops (`_loop.recurrence_autograd`) from the saved inputs, so every
 backend is differentiable twice; first-order speed is unchanged, at the cost of keeping gx (the

@@ -37,9 +37,9 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl sequence that bumps the key each round
 
 
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for a 32-bit constant a and int64 tensor b < 2**32,
-    without leaving int64 (a * b may need 64 bits): a is split into 16-bit halves."""
+def _mul_hi_lo(a: int, b):
+    """(high, low) 32-bit words of a * b for a 32-bit constant a and b < 2**32 (an int64 tensor
+    or an int), without leaving int64 (a * b may need 64 bits): a is split into 16-bit halves."""
     a_hi, a_lo = a >> 16, a & 0xFFFF
     p_hi, p_lo = b * a_hi, b * a_lo  # each < 2**48
     hi = (p_hi + (p_lo >> 16)) >> 16
@@ -48,14 +48,12 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox(key: int | Tensor, c0: Tensor, c1, c2, c3, rounds: int = 10):
-    """Philox4x32-`rounds` of counters (c0, c1, c2, c3) (32-bit values in int64 tensors or ints,
-    broadcast together) under the 64-bit `key` (an int or an int64 tensor, two's complement
-    bits); returns the four 32-bit output words as int64 tensors."""
-    key = torch.as_tensor(key, dtype=torch.int64, device=c0.device)
+    """Philox4x32-`rounds` of counters (c0, c1, c2, c3) (32-bit values: int64 tensors, which
+    broadcast together, or ints) under the 64-bit `key` (an int or an int64 tensor, two's
+    complement bits); returns the four 32-bit output words (int64 tensors where an input was a
+    tensor). No tensor is made from host data: the function runs under CUDA graph capture."""
     k0, k1 = key & _M32, (key >> 32) & _M32
-    c0, c1, c2, c3 = torch.broadcast_tensors(
-        *(torch.as_tensor(c, dtype=torch.int64, device=c0.device) & _M32 for c in (c0, c1, c2, c3))
-    )
+    c0, c1, c2, c3 = (c & _M32 for c in (c0, c1, c2, c3))
     for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
@@ -67,11 +65,11 @@ def philox(key: int | Tensor, c0: Tensor, c1, c2, c3, rounds: int = 10):
 def draw(device) -> Tensor:
     """A fresh (seed, offset) pair from torch's default generator of `device`: one (2,) int64
     tensor, made on the device without a host round trip (CUDA graphs and the stepwise loops
-    read it as a tensor argument, so a replay sees each call's value). Consumes one
-    `torch.randint` call of the generator."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device) % torch.tensor(
-        [2**62, 2**31], dtype=torch.int64, device=device
-    )
+    read it as a tensor argument, so a replay sees each call's value): seed in [0, 2**62),
+    offset in [0, 2**31). Consumes one `torch.randint` call of the generator."""
+    rng = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+    rng[1:].remainder_(2**31)
+    return rng
 
 
 def threshold(p: float) -> int:
@@ -89,7 +87,11 @@ def keep_mask(rng: Tensor, t: int, B: int, W: int, stream: int, which: int, p: f
 
 def keep_masks(rng: Tensor, steps, B: int, W: int, stream: int, which: int, p: float) -> Tensor:
     """(len(steps), B, W) bool: `keep_mask` of several steps at once (a chunk of a loop)."""
-    t = torch.as_tensor(list(steps), dtype=torch.int64, device=rng.device)[:, None, None]
+    if isinstance(steps, range):  # made on the device (CUDA graph capture allows it)
+        t = torch.arange(steps.start, steps.stop, steps.step, dtype=torch.int64, device=rng.device)
+    else:
+        t = torch.tensor(list(steps), dtype=torch.int64, device=rng.device)
+    t = t[:, None, None]
     b = torch.arange(B, dtype=torch.int64, device=rng.device)[:, None]
     j = torch.arange(W, dtype=torch.int64, device=rng.device)[None, :]
     u, *_ = philox(rng[0], b * W + j, t, 2 * stream + which, rng[1])

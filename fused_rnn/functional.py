@@ -15,7 +15,20 @@ With backend="torch" the standard cells run torch's native RNN ops (the same fun
 torch.nn, including its dropout). Everything else runs the generic stack below on padded
 sequences with per-sequence lengths, one operator per layer and direction: the fused backends'
 Triton kernels, or the operators' torch implementation (fused_rnn._loop) for the LSTM variants
-(peephole, coupled gates: no torch.nn op) and under torch.compile / torch.export.
+(peephole, coupled gates: no torch.nn op), for the regularised and normalised recurrences
+(zoneout, recurrent dropout, layer norm: no torch.nn op either) and under torch.compile /
+torch.export.
+
+Random numbers of the options, per forward call in training (torch's default generator of the
+input's device; reproducible under torch.manual_seed):
+    1. zoneout on: one `torch.randint` draw of a (seed, offset) pair (fused_rnn._rng.draw) for
+       the whole call; every layer-direction's masks derive from it (counter-based Philox, the
+       same bits on every backend);
+    2. per layer, per direction: recurrent dropout's (B, R) mask (one `bernoulli_` draw), then,
+       after the layer, the inter-layer dropout of torch.nn's `dropout` argument.
+Masks are indexed by the batch row of the sorted batch a PackedSequence runs in. In evaluation
+nothing is drawn (zoneout uses its expectation, recurrent dropout is off). A cell call draws (1)
+once per call.
 """
 
 from __future__ import annotations

@@ -56,6 +56,22 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
 ws is only written when a gradient is needed. Backward writes dgx (T, B, G*H) in the input dtype
 (it is both the returned gradient and, for the r, z (or RNN) blocks, dgh) and for the GRU dhn
 (T, B, H), the n block of dgh.
+
+Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+    zoneout     h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃_t (Krueger et al. 2016), d the 0/1 Philox masks
+                of _common._zoneout_keep (drawn again in backward) in training, the probability
+                in evaluation; y_t = h_t. Backward: (1 - d) ⊙ dh enters the cell, d ⊙ dh joins
+                carry. The RNN's backward needs act'(h̃), which the zoned state no longer shows:
+                with zoneout it keeps h̃ in ws (T, B, H).
+    recurrent dropout   h ⊙ m meets W_hh, m (B, H) of 0 and 1/(1-p) per sequence (Gal &
+                Ghahramani 2016), in all three GRU products; the carry z ⊙ h keeps h.
+    layer norm  (GRU) a = γ ⊙ û + [0 | 0 | b_hn], û = LN(h W_hh^T) over the row's 3H values
+                (Ba, Kiros & Hinton 2016; kernels/_common.py, "layer norm"): phase 1
+                `_common._ln_rec_kernel` then the step kernel, two launches per step; aux
+                (T, B, 3H + 1) fp32: û | rstd. Backward stays one launch per step: it forms
+                du = LN'(dgh) inside the product from per-program row sums the previous launch
+                left (two slots by step parity, as one launch reads one step's and writes the
+                next's).
 """
 
 from __future__ import annotations

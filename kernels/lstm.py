@@ -57,6 +57,30 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
            products of gates lose accuracy in bf16.
     ms     (T, B, H) input dtype, proj only: m = o ⊙ tanh(c') as fed to the projection.
 Gates are only written when a gradient is needed.
+
+Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+    zoneout     c_t = d_c ⊙ c_{t-1} + (1 - d_c) ⊙ c̃_t and h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙ h̃_t,
+                h̃ formed from the candidate c̃ (Krueger et al. 2016); d the 0/1 masks of
+                _common._zoneout_keep (Philox, drawn again in backward) in training, the
+                probability in evaluation; y_t = h_t; cs and hs hold the zoned states. With a
+                projection h is zoned in the projection's kernel. Backward splits the gradient of
+                a zoned state into (1 - d) ⊙ it, for the cell, and d ⊙ it, which reaches the
+                previous state directly (dh keeps it from one launch to the next, dc adds it);
+                c̃ = f c + i g is recomputed from the gates.
+    recurrent dropout   (h ⊙ m) W_hh^T with one mask m (B, R) of 0 and 1/(1-p) per sequence
+                (Gal & Ghahramani 2016): backward multiplies the W_hh part of dh by m, and
+                dW_hh pairs da with h ⊙ m.
+    layer norm  a = gx + γ_hh ⊙ û, û = LN(h W_hh^T) over the row's G*H values, and
+                h̃ = o ⊙ tanh(γ_c ⊙ LN(c̃) + β_c) (Ba, Kiros & Hinton 2016); why and how a row's
+                statistics are reduced across programs: kernels/_common.py, "layer norm".
+                Forward: phase 1 `_common._ln_rec_kernel`, the cell kernel (which leaves c̃, o
+                and partial statistics of c̃), `_lstm_fwd_ln_out_kernel` (h, or m for the
+                projection). aux (T, B, G*H + 3) fp32: û | rstd | mean_c | rstd_c. Backward:
+                `_lstm_bwd_ln_out_kernel` (dm -> da_o and dq, the gradient of LN_c's output,
+                with row sums), then the cell kernel (LN_c'(dq) into dc̃, row sums of γ_hh da);
+                the next step's product runs over LN_hh'(da), formed inside it (`_dh_from_next`).
+Launches per step: forward 1 (+1 with a projection, +2 with layer norm), backward 1 (+1 with a
+projection, +1 with layer norm).
 """
 
 from __future__ import annotations
