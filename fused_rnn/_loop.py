@@ -128,8 +128,9 @@ def _zone(d, old: Tensor, new: Tensor) -> Tensor:
 
 def _row_stats(u: Tensor, eps: float = LN_EPS) -> tuple[Tensor, Tensor]:
     """(mean, rstd) of each row of u over its last dimension (biased variance), keepdim."""
-    var, mean = torch.var_mean(u, dim=-1, keepdim=True, correction=0)
-    return mean, torch.rsqrt(var + eps)
+    mean = u.mean(-1, keepdim=True)
+    dev = u - mean
+    return mean, torch.rsqrt((dev * dev).mean(-1, keepdim=True) + eps)
 
 
 def _ln_bwd(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
