@@ -35,11 +35,14 @@ __all__ = ["build", "main", "row_problem", "DEFAULT_OUT"]
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fused_rnn" / "policy.json"
 
 _MODES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN_TANH"}  # the bench's nn.RNN is tanh
-_VARIANTS = {
-    "none": (False, False),
-    "peephole": (True, False),
-    "cifg": (False, True),
-    "peephole-cifg": (True, True),
+_VARIANTS = {  # (peephole, coupled, regularised)
+    "none": (False, False, False),
+    "peephole": (True, False, False),
+    "cifg": (False, True, False),
+    "peephole-cifg": (True, True, False),
+    "zoneout": (False, False, True),
+    "recurrent-dropout": (False, False, True),
+    "layernorm": (False, False, True),
 }
 SIZE_CLASSES = (
     "T, B, H and layers in powers of two (T1024 holds T = 513..1024); uni or bi; "
@@ -62,12 +65,12 @@ def _arch(meta: dict, name: str) -> str:
 
 def row_problem(row: dict) -> Problem:
     """The dispatch Problem a bench row measured."""
-    peephole, coupled = _VARIANTS[row["variant"]]
+    peephole, coupled, regularised = _VARIANTS[row["variant"]]
     return Problem(mode=_MODES[row["cell"]], dtype=row["dtype"], steps=row["seq_len"],
                    batch=row["batch"], input_size=row["input_size"], hidden=row["hidden_size"],
                    proj=row.get("proj_size") or 0, layers=row["num_layers"],
                    bidirectional=bool(row["bidirectional"]), peephole=peephole, coupled=coupled,
-                   grad=row["mode"] == "fwdbwd")  # fmt: skip
+                   grad=row["mode"] == "fwdbwd", regularised=regularised)  # fmt: skip
 
 
 def _run_source(name: str, meta: dict, arch: str) -> dict:
@@ -100,6 +103,10 @@ def build(results: list[tuple[str, dict]], min_gain: float = MIN_GAIN) -> dict:
         for row in doc.get("rows", []):
             if row.get("status") != "ok" or row.get("backend") not in CANDIDATES:
                 continue
+            if _VARIANTS[row["variant"]][2]:
+                # one key ("+regularised") holds zoneout, recurrent dropout and layer norm
+                # alike: their rows would overwrite each other; auto runs them stepwise
+                continue
             p = row_problem(row)
             times = shapes.setdefault(p.key(arch), {}).setdefault((i, p.label()), {})
             if not p.variant and row.get("torch_ms") is not None:
@@ -110,7 +117,8 @@ def build(results: list[tuple[str, dict]], min_gain: float = MIN_GAIN) -> dict:
     for key in sorted(shapes):
         groups = [{"shape": label, "run": run, "ms": {b: ms[b] for b in sorted(ms)}}
                   for (run, label), ms in sorted(shapes[key].items())]  # fmt: skip
-        default = "stepwise" if "+peephole" in key or "+coupled" in key else "torch"
+        variant = any(f"+{tag}" in key for tag in ("peephole", "coupled", "regularised"))
+        default = "stepwise" if variant else "torch"
         won = choose([g["ms"] for g in groups], CANDIDATES, default, min_gain)
         if won is not None:
             entries[key] = {"backend": won, "shapes": groups}

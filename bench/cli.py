@@ -17,7 +17,9 @@ __all__ = ["build_parser", "default_dtypes", "main", "selection"]
 
 PROG = "fused-rnn-bench"
 _DTYPE_NAMES = ("fp32", "tf32", "fp16", "bf16")
-_VARIANT_NAMES = ("none", "peephole", "cifg", "peephole-cifg")
+_VARIANT_NAMES = (
+    "none", "peephole", "cifg", "peephole-cifg", "zoneout", "recurrent-dropout", "layernorm"
+)  # fmt: skip
 _BACKEND_NAMES = ("auto", "torch", "stepwise", "persistent")
 # (warmup runs, max timed runs, time budget per side in seconds)
 _TIMING_DEFAULTS = {"cuda": (10, 100, 2.0), "cpu": (2, 30, 1.0)}
@@ -99,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         action="append",
         metavar="NAME",
-        help="LSTM variant: none, peephole, cifg, peephole-cifg (timed against the plain "
-        "torch.nn.LSTM of the same size, no output comparison); default none",
+        help="variant: none; the LSTM's peephole, cifg, peephole-cifg; zoneout (0.1) and "
+        "recurrent-dropout (0.25) of every cell; layernorm (LSTM, GRU). Timed against the "
+        "plain torch.nn module of the same size, no output comparison; default none",
     )
     sel.add_argument("--device", help="cpu or cuda[:N]; default cuda when available")
 
@@ -221,14 +224,14 @@ def _suites(parser, args, device) -> list[Suite]:
 
 def _plan(parser, args, suites, cells, variants, dtypes, modes):
     """[(Config, variants for it)], in suite, shape, dtype, mode order."""
-    from .runner import Config
+    from .runner import VARIANT_CELLS, Config
 
     plan = []
     for suite in suites:
         for shape in suite.shapes:
             if cells and shape.cell not in cells:
                 continue
-            vs = variants if shape.cell == "lstm" else [v for v in variants if v == "none"]
+            vs = [v for v in variants if shape.cell in VARIANT_CELLS[v]]
             if not vs:
                 continue
             for dtype in dtypes:
@@ -237,8 +240,12 @@ def _plan(parser, args, suites, cells, variants, dtypes, modes):
     missing = [c for c in cells if not any(cfg.shape.cell == c for cfg, _ in plan)]
     if missing:
         why = []
-        if any(v != "none" for v in variants) and "none" not in variants:
-            why.append("variants other than none apply to LSTM only")
+        for c in missing:
+            only = [v for v in variants if c not in VARIANT_CELLS[v]]
+            if only and len(only) == len(variants):
+                lstm = all(VARIANT_CELLS[v] == ("lstm",) for v in only)
+                why.append("variants other than none apply to LSTM only" if lstm else
+                           f"variants {', '.join(only)} do not apply to {c}")  # fmt: skip
         if args.proj_size:
             why.append("--proj-size makes the custom suite LSTM only")
         suite_names = ", ".join(s.name for s in suites)

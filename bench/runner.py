@@ -4,8 +4,10 @@ A *config* is one shape at one dtype and mode. Its torch.nn side is built and ti
 requested (variant, fused backend) pair then gives one row against that same measurement, on the
 same input tensor. With variant ``none`` the fused module loads the torch.nn module's state_dict,
 so both compute with the same weights and the outputs (and, for fwdbwd, the gradients) are
-compared. A variant (peephole, coupled gates) has no torch.nn counterpart: it is built on its own
-and timed against the plain torch.nn.LSTM of the same size, with no comparison.
+compared. A variant (peephole, coupled gates; zoneout, recurrent dropout, layer norm) has no
+torch.nn counterpart: it is built on its own and timed against the plain torch.nn module of the
+same size, with no comparison. fwd runs in eval mode, so there zoneout is its expectation and
+recurrent dropout is off (what inference costs); fwdbwd trains with the masks.
 
 fwd is inference: modules in eval mode (cuDNN then skips its training reserve space), under
 ``torch.no_grad()``. fwdbwd is training: train mode, forward, then
@@ -32,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "VARIANTS",
+    "VARIANT_CELLS",
     "Config",
     "Row",
     "TimingOptions",
@@ -53,6 +56,19 @@ VARIANTS = {
     "peephole": {"peephole": True},
     "cifg": {"coupled_gates": True},
     "peephole-cifg": {"peephole": True, "coupled_gates": True},
+    "zoneout": {"zoneout": 0.1},
+    "recurrent-dropout": {"recurrent_dropout": 0.25},
+    "layernorm": {"layer_norm": True},
+}
+# the cells each variant exists for
+VARIANT_CELLS = {
+    "none": ("lstm", "gru", "rnn"),
+    "peephole": ("lstm",),
+    "cifg": ("lstm",),
+    "peephole-cifg": ("lstm",),
+    "zoneout": ("lstm", "gru", "rnn"),
+    "recurrent-dropout": ("lstm", "gru", "rnn"),
+    "layernorm": ("lstm", "gru"),
 }
 BACKENDS = ("auto", "torch", "stepwise", "persistent")
 # Largest max |fused - torch.nn| of the outputs a row accepts before it is marked "mismatch".

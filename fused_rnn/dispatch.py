@@ -30,7 +30,9 @@ the reason; `resolve` and `explain` both read it):
    gates), for which torch.nn has no op: torch runs a variant as a per-step loop of a GEMM and
    9 to 12 pointwise kernels in the forward (functional._torch_step), each a launch and a pass
    over the state, where the stepwise kernel does the step's product and cell update in one
-   launch. That is a model, not a measurement; rules 4 and 5 override it.
+   launch. That is a model, not a measurement; rules 4 and 5 override it. The regularised and
+   normalised recurrences (zoneout, recurrent dropout, layer norm: `regularised`) count as
+   variants: torch.nn has no op for them either.
 
 "persistent" is chosen only where a measurement (rule 4 or 5) says so. A fused backend wins a
 measurement only if it is at least MIN_GAIN times faster than torch (ties go to torch, whose
@@ -299,16 +301,19 @@ class Problem:
     coupled: bool = False
     grad: bool = False  # a backward will follow (autograd records the call)
     cell: bool = False  # a *Cell call: one step, torch's cell ops rather than cuDNN
+    regularised: bool = False  # zoneout, recurrent dropout or layer norm
 
     @property
     def variant(self) -> bool:
-        """An LSTM variant: torch.nn has no op for it."""
-        return self.peephole or self.coupled
+        """A variant (LSTM peephole or coupled gates, or a regularised / normalised cell):
+        torch.nn has no op for it."""
+        return self.peephole or self.coupled or self.regularised
 
     @property
     def cell_name(self) -> str:
         name = "RNN" if self.mode.startswith("RNN") else self.mode
-        tags = (("proj", self.proj > 0), ("peephole", self.peephole), ("coupled", self.coupled))
+        tags = (("proj", self.proj > 0), ("peephole", self.peephole), ("coupled", self.coupled),
+                ("regularised", self.regularised))  # fmt: skip
         return name + "".join(f"+{tag}" for tag, on in tags if on)
 
     def key(self, arch: str) -> str | None:
@@ -516,13 +521,14 @@ def _state(dtype) -> tuple:
 
 
 def _auto_impl(mode, device, dtype, steps, batch, input_size, hidden, proj, layers,
-               bidirectional, peephole, coupled, grad, cell, compiling) -> str:  # fmt: skip
+               bidirectional, peephole, coupled, grad, cell, compiling,
+               regularised=False) -> str:  # fmt: skip
     memo = (mode, device, dtype, steps, batch, input_size, hidden, proj, layers, bidirectional,
-            peephole, coupled, grad, cell, compiling, _state(dtype))  # fmt: skip
+            peephole, coupled, grad, cell, compiling, regularised, _state(dtype))  # fmt: skip
     d = _MEMO.get(memo)
     if d is None:
         p = Problem(mode, dtype_class(dtype), steps, batch, input_size, hidden, proj, layers,
-                    bidirectional, peephole, coupled, grad, cell)  # fmt: skip
+                    bidirectional, peephole, coupled, grad, cell, regularised)  # fmt: skip
         d = _decide_auto(p, device, compiling)
         if _NOT_TUNED not in d.reason:  # blocked now, maybe not on the next call
             if len(_MEMO) > 4096:
@@ -576,7 +582,7 @@ def resolve(backend: str, mode: str, device: torch.device, *, dtype: torch.dtype
             steps: int | None = None, batch: int | None = None, input_size: int | None = None,
             hidden: int | None = None, proj: int = 0, layers: int = 1,
             bidirectional: bool = False, peephole: bool = False, coupled: bool = False,
-            grad: bool = False, cell: bool = False) -> str:  # fmt: skip
+            grad: bool = False, cell: bool = False, regularised: bool = False) -> str:  # fmt: skip
     """The concrete backend ("torch", "stepwise" or "persistent") for a call of `mode` on
     `device`.
 
@@ -586,21 +592,23 @@ def resolve(backend: str, mode: str, device: torch.device, *, dtype: torch.dtype
         dtype: what the recurrence runs in (after autocast). steps, batch, input_size, hidden,
             proj: T, B, I, H, P of the call (steps=1 for a cell). layers, bidirectional: the
             stack. peephole, coupled: the LSTM variants. grad: autograd records the call
-            (`needs_grad`). cell: a *Cell call. What is not given counts as unknown: without
+            (`needs_grad`). cell: a *Cell call. regularised: zoneout, recurrent dropout or
+            layer norm is on (a variant). What is not given counts as unknown: without
             dtype and sizes "auto" has no key (no policy, no autotuning).
     """
     check_backend(backend)
     device = torch.device(device)
     if backend != "auto":
         args = (dtype_class(dtype) if _RECORDS is not None else None, steps, batch, input_size,
-                hidden, proj, layers, bidirectional, peephole, coupled, grad, cell)  # fmt: skip
+                hidden, proj, layers, bidirectional, peephole, coupled, grad, cell,
+                bool(regularised))  # fmt: skip
         return _explicit(backend, mode, device, args)
     if device.type != "cuda" and device_info is _device_info and _RECORDS is None:
         return "torch"  # rule 1 on the CPU path, at no more cost than it takes to say so
     return _auto(mode, device, dtype, _constant(steps), _constant(batch), _constant(input_size),
                  _constant(hidden), _constant(proj) or 0, _constant(layers) or 1,
                  bool(bidirectional), bool(peephole), bool(coupled), bool(grad), bool(cell),
-                 torch.compiler.is_compiling())  # fmt: skip
+                 torch.compiler.is_compiling(), bool(regularised))  # fmt: skip
 
 
 # ============================================================================ the policy

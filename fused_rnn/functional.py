@@ -15,20 +15,34 @@ With backend="torch" the standard cells run torch's native RNN ops (the same fun
 torch.nn, including its dropout). Everything else runs the generic stack below on padded
 sequences with per-sequence lengths, one operator per layer and direction: the fused backends'
 Triton kernels, or the operators' torch implementation (fused_rnn._loop) for the LSTM variants
-(peephole, coupled gates: no torch.nn op) and under torch.compile / torch.export.
+(peephole, coupled gates: no torch.nn op), for the regularised and normalised recurrences
+(zoneout, recurrent dropout, layer norm: no torch.nn op either) and under torch.compile /
+torch.export.
+
+Random numbers of the options, per forward call in training (torch's default generator of the
+input's device; reproducible under torch.manual_seed):
+    1. zoneout on: one `torch.randint` draw of a (seed, offset) pair (fused_rnn._rng.draw) for
+       the whole call; every layer-direction's masks derive from it (counter-based Philox, the
+       same bits on every backend);
+    2. per layer, per direction: recurrent dropout's (B, R) mask (one `bernoulli_` draw), then,
+       after the layer, the inter-layer dropout of torch.nn's `dropout` argument.
+Masks are indexed by the batch row of the sorted batch a PackedSequence runs in. In evaluation
+nothing is drawn (zoneout uses its expectation, recurrent dropout is off). A cell call draws (1)
+once per call.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _ops, dispatch
+from . import _ops, _rng, dispatch
 from .reference import CellWeights
 
 __all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeights", "gate_count"]
@@ -56,16 +70,53 @@ def gate_count(mode: str, coupled: bool = False) -> int:
 # the generic stack (the operators: fused backends, variants, compiled code)
 
 
+def _foldable(mode: str, b: Tensor) -> Tensor:
+    """The part of a recurrent-side bias that folds into gx: all of it, but the GRU's n block
+    (r multiplies it) is zero."""
+    if mode != "GRU":
+        return b
+    H = b.shape[0] // 3
+    return torch.cat([b[: 2 * H], b.new_zeros(H)])
+
+
 def _input_gates(mode: str, x: Tensor, w: CellWeights) -> Tensor:
-    """gx = x W_ih^T + b_ih + the part of b_hh that folds (all of it but GRU's b_hn)."""
+    """gx = x W_ih^T + b_ih + the part of b_hh that folds (all of it but GRU's b_hn).
+
+    With layer norm, gx = LN_ih(x W_ih^T) + b_ih + (the foldable parts of b_hh and of LN_hh's
+    bias): the input side is normalised here, over all steps at once (torch ops, autograd)."""
     bias = None
     if w.b_ih is not None:
-        if mode == "GRU":
-            H = w.b_hh.shape[0] // 3
-            bias = w.b_ih + torch.cat([w.b_hh[: 2 * H], w.b_hh.new_zeros(H)])
-        else:
-            bias = w.b_ih + w.b_hh
-    return F.linear(x, w.w_ih, bias)
+        bias = w.b_ih + _foldable(mode, w.b_hh)
+    if w.w_ln_ih is None:
+        return F.linear(x, w.w_ih, bias)
+    gx = F.layer_norm(F.linear(x, w.w_ih), (w.w_ih.shape[0],), w.w_ln_ih, w.b_ln_ih, LN_EPS)
+    fold = _foldable(mode, w.b_ln_hh)
+    return gx + (fold if bias is None else bias + fold)
+
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, for every layer norm of the recurrences
+
+
+class Options(NamedTuple):
+    """The regularisation and normalisation options of one call (all off by default).
+
+    zoneout: (z_c, z_h), the zoneout probabilities of the LSTM's cell state (0 for the other
+    cells) and of h. rng: the (2,) int64 (seed, offset) of the zoneout masks in training, None in
+    evaluation (the expectation). recurrent_dropout: p of the variational dropout of h where it
+    meets W_hh (training only). Layer norm is on when the weights hold its parameters.
+    """
+
+    zoneout: tuple[float, float] = (0.0, 0.0)
+    rng: Tensor | None = None
+    recurrent_dropout: float = 0.0
+    training: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.zoneout != (0.0, 0.0) or (self.training and self.recurrent_dropout > 0)
+
+
+NO_OPTIONS = Options()
 
 
 def _recurrence_for(backend: str):
@@ -76,16 +127,29 @@ def _recurrence_for(backend: str):
     torch.export runs; the operators are opaque nodes with fake implementations in a graph.
     """
 
-    def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled):
+    def run(mode, gx, h0, c0, w: CellWeights, lengths, reverse, coupled, stream=0, drop=None,
+            opts: Options = NO_OPTIONS):  # fmt: skip
+        kw = {}
+        if opts.on or w.w_ln_hh is not None:
+            kw = dict(rng=opts.rng, stream=stream, drop=drop, ln_hh=w.w_ln_hh)
         if mode == "LSTM":
+            if kw:
+                kw.update(zoneout_c=opts.zoneout[0], zoneout_h=opts.zoneout[1],
+                          ln_c_w=w.w_ln_c, ln_c_b=w.b_ln_c)  # fmt: skip
             return _ops.lstm_recurrence(
-                gx, h0, c0, w.w_hh, w.w_hr, w.w_ch, lengths, reverse, coupled, backend
+                gx, h0, c0, w.w_hh, w.w_hr, w.w_ch, lengths, reverse, coupled, backend, **kw
             )
         b_hn = None
-        if mode == "GRU" and w.b_hh is not None:
-            b_hn = w.b_hh[2 * w.w_hh.shape[1] :]  # r multiplies (W_hn h + b_hn): cannot fold
+        if mode == "GRU":
+            H = w.w_hh.shape[1]
+            if w.b_hh is not None:
+                b_hn = w.b_hh[2 * H :]  # r multiplies (W_hn h + b_hn): cannot fold
+            if w.b_ln_hh is not None:  # nor can the n block of LN_hh's bias
+                b_hn = w.b_ln_hh[2 * H :] if b_hn is None else b_hn + w.b_ln_hh[2 * H :]
+        if kw:
+            kw.update(zoneout=opts.zoneout[1])
         y, h = _ops.gru_recurrence(
-            _ops.cell_of(mode), gx, h0, w.w_hh, b_hn, lengths, reverse, backend
+            _ops.cell_of(mode), gx, h0, w.w_hh, b_hn, lengths, reverse, backend, **kw
         )
         return y, h, None
 
@@ -96,22 +160,39 @@ def _cast_weights(weights: Sequence[CellWeights], dtype) -> list[CellWeights]:
     return [CellWeights(*(None if p is None else p.to(dtype) for p in w)) for w in weights]
 
 
+def _recurrent_dropout_mask(p: float, h0: Tensor) -> Tensor:
+    """A (B, R) variational dropout mask like h0 (B, R): 0 with probability p, else 1/(1-p), in
+    the accumulation dtype; one `bernoulli_` draw of torch's generator."""
+    acc = _ops._acc(h0.dtype)
+    keep = torch.empty(h0.shape, dtype=acc, device=h0.device).bernoulli_(1.0 - p)
+    return keep.div_(1.0 - p)
+
+
 def _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths,
-           coupled, run):  # fmt: skip
-    """The network on a padded sequence x (T, B, I); see reference.stack for the layout."""
+           coupled, run, opts: Options = NO_OPTIONS):  # fmt: skip
+    """The network on a padded sequence x (T, B, I); see reference.stack for the layout.
+
+    Random numbers, in this order for each layer: per direction, the recurrent dropout mask of
+    that layer-direction (training with recurrent_dropout > 0), then the inter-layer dropout of
+    the layer's output (training, dropout > 0, not after the last layer). The zoneout masks take
+    none here: they come from opts.rng, drawn once per forward by the caller.
+    """
     D = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, non_blocking=True)
     hn, cn = [], []
     layer_in = x
+    p_rec = opts.recurrent_dropout if opts.training else 0.0
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             k = layer * D + d
             gx = _input_gates(mode, layer_in, weights[k])
+            drop = _recurrent_dropout_mask(p_rec, h0[k]) if p_rec > 0 else None
             y, h, c = run(
-                mode, gx, h0[k], None if c0 is None else c0[k], weights[k], lengths, d == 1, coupled
-            )
+                mode, gx, h0[k], None if c0 is None else c0[k], weights[k], lengths, d == 1,
+                coupled, k, drop, opts,
+            )  # fmt: skip
             outs.append(y)
             hn.append(h)
             cn.append(c)
@@ -154,8 +235,9 @@ def _autocast_scope(device: torch.device, mode: str, cell: bool, tensors, weight
 
 
 def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first, dropout,
-         training, coupled, variant, backend):  # fmt: skip
+         training, coupled, variant, backend, opts: Options = NO_OPTIONS):  # fmt: skip
     """Shared body of lstm/gru/rnn once the state is shaped (L*D, B, R) and in sorted order."""
+    regularised = opts.on or weights[0].w_ln_hh is not None
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     batch = h0.shape[1]
@@ -165,10 +247,10 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
         batch=batch, input_size=data.shape[-1], hidden=(h0 if c0 is None else c0).shape[-1],
         proj=0 if weights[0].w_hr is None else h0.shape[-1], layers=num_layers,
         bidirectional=bidirectional, peephole=weights[0].w_ch is not None, coupled=coupled,
-        grad=dispatch.needs_grad(data, h0, c0, *weights))  # fmt: skip
+        grad=dispatch.needs_grad(data, h0, c0, *weights), regularised=regularised)  # fmt: skip
     if which != "torch" and batch == 0:
         which = "torch"  # nothing to launch: an empty batch returns empty tensors
-    if which == "torch" and _native_ok(variant):
+    if which == "torch" and _native_ok(variant or regularised):
         return _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first,
                        dropout, training)  # fmt: skip
 
@@ -181,9 +263,12 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
     scope = contextlib.nullcontext()
     if which != "torch":
         (x, h0, c0), weights, scope = _autocast_scope(x.device, mode, False, (x, h0, c0), weights)
+    if training and opts.zoneout != (0.0, 0.0):
+        opts = opts._replace(rng=_rng.draw(x.device))  # once per forward: every layer's masks
     with scope:
         out, hn, cn = _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout,
-                             training, lengths, coupled, _recurrence_for(which))  # fmt: skip
+                             training, lengths, coupled, _recurrence_for(which),
+                             opts)  # fmt: skip
     if packed:
         out = pack_padded_sequence(out, lengths).data
     elif batch_first:
@@ -214,12 +299,14 @@ def _native(mode, input, h0, c0, weights, num_layers, bidirectional, batch_first
 
 
 def _layer_weights(weights, bias: bool, proj: bool, peephole: bool,
-                   groups: int | None = None) -> list[CellWeights]:  # fmt: skip
+                   groups: int | None = None, layer_norm: bool = False,
+                   mode: str = "LSTM") -> list[CellWeights]:  # fmt: skip
     """The weights of each layer and direction as CellWeights, checked against the layout.
 
     `weights` holds one list per layer and direction (index layer * num_directions + direction),
     each with the tensors in torch's order, as torch.nn's `all_weights` holds them:
-    [w_ih, w_hh] + [b_ih, b_hh] with bias + [w_hr] with a projection + [w_ch] with peepholes.
+    [w_ih, w_hh] + [b_ih, b_hh] with bias + [w_hr] with a projection + [w_ch] with peepholes
+    + [w_ln_ih, b_ln_ih, w_ln_hh, b_ln_hh] with layer norm (+ [w_ln_c, b_ln_c] for the LSTM).
     `groups` is the number of lists expected (num_layers * num_directions), checked when given.
     A layout that does not fit raises an error naming the expected layout and what came:
     TypeError for a wrong kind of object (a tensor or a flat list of tensors instead of a list
@@ -229,6 +316,9 @@ def _layer_weights(weights, bias: bool, proj: bool, peephole: bool,
     names += ["b_ih", "b_hh"] if bias else []
     names += ["w_hr"] if proj else []
     names += ["w_ch"] if peephole else []
+    if layer_norm:
+        names += ["w_ln_ih", "b_ln_ih", "w_ln_hh", "b_ln_hh"]
+        names += ["w_ln_c", "b_ln_c"] if mode == "LSTM" else []
     count = "num_layers*num_directions" + ("" if groups is None else f" (= {groups})")
     layout = (
         f"weights must be a list of {count} lists [{', '.join(names)}], one per layer and "
@@ -269,7 +359,7 @@ def _layer_weights(weights, bias: bool, proj: bool, peephole: bool,
             if not isinstance(w, Tensor):
                 what = "None" if w is None else f"a {type(w).__name__}"
                 raise TypeError(f"{layout}; weights[{k}][{i}] ({name}) is {what}, not a Tensor")
-            dims = 1 if name in ("b_ih", "b_hh", "w_ch") else 2
+            dims = 2 if name in ("w_ih", "w_hh", "w_hr") else 1
             if w.dim() != dims:
                 raise ValueError(
                     f"{layout}; weights[{k}][{i}] ({name}) must be {dims}-D, got shape "
@@ -280,11 +370,52 @@ def _layer_weights(weights, bias: bool, proj: bool, peephole: bool,
     return out
 
 
+def _zoneout_pair(mode: str, zoneout) -> tuple[float, float]:
+    """(z_c, z_h) from a module's or a call's `zoneout` (a float, or (z_c, z_h) for the LSTM)."""
+    if isinstance(zoneout, (tuple, list)):
+        return float(zoneout[0]), float(zoneout[1])
+    z = float(zoneout)
+    return (z if mode == "LSTM" else 0.0), z
+
+
+def check_zoneout(mode: str, zoneout) -> tuple[float, float]:
+    """Validates `zoneout` for `mode` ('LSTM', 'GRU', 'RNN_*'); returns (z_c, z_h). A float in
+    [0, 1) (for the LSTM both states), or for the LSTM a pair (z_c, z_h) of such floats."""
+    pair = isinstance(zoneout, (tuple, list))
+    values = list(zoneout) if pair else [zoneout]
+    if pair and (mode != "LSTM" or len(values) != 2):
+        what = "a pair (z_c, z_h) or a number" if mode == "LSTM" else "a number"
+        raise ValueError(f"zoneout should be {what} in range [0, 1), got {zoneout!r}")
+    for z in values:
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < 1:
+            raise ValueError(
+                "zoneout should be a number in range [0, 1) (for the LSTM, or a pair (z_c, z_h) "
+                f"of them) representing the probability of a unit keeping its state, got "
+                f"{zoneout!r}"
+            )
+    return _zoneout_pair(mode, zoneout)
+
+
+def check_recurrent_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(
+            "recurrent_dropout should be a number in range [0, 1) representing the probability "
+            f"of an element of h being zeroed where it enters W_hh, got {p!r}"
+        )
+    return float(p)
+
+
 def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, bidirectional,
-             batch_first, proj_size=0, peephole=False, coupled=False, backend="auto"):  # fmt: skip
+             batch_first, proj_size=0, peephole=False, coupled=False, backend="auto",
+             zoneout=0.0, recurrent_dropout=0.0, layer_norm=False):  # fmt: skip
     dispatch.check_backend(backend)
     D = 2 if bidirectional else 1
-    cw = _layer_weights(weights, bias, proj_size > 0, peephole, groups=num_layers * D)
+    opts = Options(check_zoneout(mode, zoneout), None, check_recurrent_dropout(recurrent_dropout),
+                   bool(training))  # fmt: skip
+    if layer_norm and mode not in ("LSTM", "GRU"):
+        raise ValueError(f"layer_norm is defined for the LSTM and the GRU, not {mode}")
+    cw = _layer_weights(weights, bias, proj_size > 0, peephole, groups=num_layers * D,
+                        layer_norm=layer_norm, mode=mode)  # fmt: skip
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if packed:
@@ -307,7 +438,8 @@ def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, b
             c0 = None if c0 is None else c0.index_select(1, input.sorted_indices)
     out, hn, cn = _run(mode, input, h0, c0, cw, num_layers=num_layers, bidirectional=bidirectional,
                        batch_first=batch_first, dropout=dropout, training=training,
-                       coupled=coupled, variant=peephole or coupled, backend=backend)  # fmt: skip
+                       coupled=coupled, variant=peephole or coupled, backend=backend,
+                       opts=opts)  # fmt: skip
     if packed:
         if input.unsorted_indices is not None:
             hn = hn.index_select(1, input.unsorted_indices)
@@ -316,9 +448,28 @@ def _generic(mode, input, hx, weights, *, bias, num_layers, dropout, training, b
     return out, hn, cn
 
 
+_OPTIONS_DOC = """
+    Regularisation and normalisation (keyword-only, off by default):
+        zoneout: probability that a unit keeps its previous state at a step (Krueger et al.
+            2016): h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃_t, d ~ Bernoulli(zoneout) per step, row and
+            unit in training, the expectation d = zoneout in evaluation. For the LSTM a float
+            (both states) or a pair (z_c, z_h). The masks come from one (seed, offset) pair
+            drawn per call from torch's generator (fused_rnn._rng).
+        recurrent_dropout: p of variational dropout on h where it enters W_hh (Gal & Ghahramani
+            2016): one mask per sequence, layer and direction, the same at every step, scaled by
+            1/(1-p); training only.
+        layer_norm: LSTM and GRU (Ba, Kiros & Hinton 2016): the input and recurrent products are
+            normalised separately over each row's G*H gate values before the biases are added;
+            the LSTM also normalises c in the output, h = o ⊙ tanh(LN_c(c)). `weights` then also
+            holds, per layer and direction, [w_ln_ih, b_ln_ih, w_ln_hh, b_ln_hh] (G*H,) and for
+            the LSTM [w_ln_c, b_ln_c] (H,), after the other tensors.
+"""
+
+
 def lstm(input, hx, weights, *, bias=True, num_layers=1, dropout=0.0, training=False,
          bidirectional=False, batch_first=False, proj_size=0, peephole=False,
-         coupled_gates=False, backend="auto"):  # fmt: skip
+         coupled_gates=False, backend="auto", zoneout=0.0, recurrent_dropout=0.0,
+         layer_norm=False):  # fmt: skip
     """A multi-layer LSTM; returns (output, (h_n, c_n)) like torch.nn.LSTM.
 
     Args:
@@ -332,29 +483,41 @@ def lstm(input, hx, weights, *, bias=True, num_layers=1, dropout=0.0, training=F
     out, hn, cn = _generic("LSTM", input, hx, weights, bias=bias, num_layers=num_layers,
                            dropout=dropout, training=training, bidirectional=bidirectional,
                            batch_first=batch_first, proj_size=proj_size, peephole=peephole,
-                           coupled=coupled_gates, backend=backend)  # fmt: skip
+                           coupled=coupled_gates, backend=backend, zoneout=zoneout,
+                           recurrent_dropout=recurrent_dropout,
+                           layer_norm=layer_norm)  # fmt: skip
     return out, (hn, cn)
 
 
 def gru(input, hx, weights, *, bias=True, num_layers=1, dropout=0.0, training=False,
-        bidirectional=False, batch_first=False, backend="auto"):  # fmt: skip
+        bidirectional=False, batch_first=False, backend="auto", zoneout=0.0,
+        recurrent_dropout=0.0, layer_norm=False):  # fmt: skip
     """A multi-layer GRU; returns (output, h_n) like torch.nn.GRU. Gates (r, z, n)."""
     out, hn, _ = _generic("GRU", input, hx, weights, bias=bias, num_layers=num_layers,
                           dropout=dropout, training=training, bidirectional=bidirectional,
-                          batch_first=batch_first, backend=backend)  # fmt: skip
+                          batch_first=batch_first, backend=backend, zoneout=zoneout,
+                          recurrent_dropout=recurrent_dropout,
+                          layer_norm=layer_norm)  # fmt: skip
     return out, hn
 
 
 def rnn(input, hx, weights, *, nonlinearity="tanh", bias=True, num_layers=1, dropout=0.0,
-        training=False, bidirectional=False, batch_first=False, backend="auto"):  # fmt: skip
+        training=False, bidirectional=False, batch_first=False, backend="auto", zoneout=0.0,
+        recurrent_dropout=0.0):  # fmt: skip
     """A multi-layer Elman RNN (tanh or relu); returns (output, h_n) like torch.nn.RNN."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
     out, hn, _ = _generic(mode, input, hx, weights, bias=bias, num_layers=num_layers,
                           dropout=dropout, training=training, bidirectional=bidirectional,
-                          batch_first=batch_first, backend=backend)  # fmt: skip
+                          batch_first=batch_first, backend=backend, zoneout=zoneout,
+                          recurrent_dropout=recurrent_dropout)  # fmt: skip
     return out, hn
+
+
+for _fn in (lstm, gru):
+    _fn.__doc__ += _OPTIONS_DOC
+rnn.__doc__ += _OPTIONS_DOC.split("        layer_norm:")[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,16 +533,17 @@ def _check_devices(input: Tensor, weights: Sequence[CellWeights], msg: str) -> N
                 raise RuntimeError(msg.format(input.device, p.device))
 
 
-def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
+def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend, opts=NO_OPTIONS):
     _check_devices(input, [w], "Tensor on device {1} is not on the expected device {0}!")
+    regularised = opts.on or w.w_ln_hh is not None
     which = dispatch.resolve(
         backend, mode, input.device, dtype=_autocast_dtype(input.device, mode, True) or input.dtype,
         steps=1, batch=input.shape[0], input_size=input.shape[-1], hidden=h.shape[-1],
         peephole=w.w_ch is not None, coupled=coupled, grad=dispatch.needs_grad(input, h, c, w),
-        cell=True)  # fmt: skip
+        cell=True, regularised=regularised)  # fmt: skip
     if which != "torch" and input.shape[0] == 0:
         which = "torch"
-    if which == "torch" and _native_ok(variant):
+    if which == "torch" and _native_ok(variant or regularised):
         if mode == "LSTM":
             return _VF.lstm_cell(input, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
         fn = {"GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell}
@@ -387,34 +551,65 @@ def _cell(mode, input, h, c, w: CellWeights, coupled, variant, backend):
     scope = contextlib.nullcontext()
     if which != "torch":
         (input, h, c), (w,), scope = _autocast_scope(input.device, mode, True, (input, h, c), [w])
+    if opts.training and opts.zoneout != (0.0, 0.0):
+        opts = opts._replace(rng=_rng.draw(input.device))
     with scope:
         gx = _input_gates(mode, input.unsqueeze(0), w)
-        _, h_new, c_new = _recurrence_for(which)(mode, gx, h, c, w, None, False, coupled)
+        _, h_new, c_new = _recurrence_for(which)(mode, gx, h, c, w, None, False, coupled, 0,
+                                                 None, opts)  # fmt: skip
     return h_new, c_new
 
 
+def _cell_ln(mode: str, layer_norm) -> dict:
+    """The layer-norm fields of CellWeights from a cell call's `layer_norm` (None, or the tuple
+    (w_ln_ih, b_ln_ih, w_ln_hh, b_ln_hh[, w_ln_c, b_ln_c]))."""
+    if layer_norm is None:
+        return {}
+    names = ["w_ln_ih", "b_ln_ih", "w_ln_hh", "b_ln_hh"] + (
+        ["w_ln_c", "b_ln_c"] if mode == "LSTM" else []
+    )
+    layer_norm = tuple(layer_norm)
+    if len(layer_norm) != len(names) or not all(isinstance(t, Tensor) for t in layer_norm):
+        raise TypeError(f"layer_norm must be None or a tuple of {len(names)} tensors "
+                        f"({', '.join(names)})")  # fmt: skip
+    return dict(zip(names, layer_norm))
+
+
+def _cell_opts(mode: str, zoneout, training: bool) -> Options:
+    return Options(check_zoneout(mode, zoneout), None, 0.0, bool(training))
+
+
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, w_ch=None, coupled_gates=False,
-              backend="auto"):  # fmt: skip
-    """One LSTM step on (B, I) input and hx = (h (B, H), c (B, H)); returns (h', c')."""
+              backend="auto", zoneout=0.0, training=False, layer_norm=None):  # fmt: skip
+    """One LSTM step on (B, I) input and hx = (h (B, H), c (B, H)); returns (h', c').
+
+    zoneout (a float or (z_c, z_h)) with `training` as in `lstm`; layer_norm: None or the tuple
+    (w_ln_ih, b_ln_ih, w_ln_hh, b_ln_hh (G*H,), w_ln_c, b_ln_c (H,)).
+    """
     dispatch.check_backend(backend)
-    w = CellWeights(w_ih, w_hh, b_ih, b_hh, None, w_ch)
+    w = CellWeights(w_ih, w_hh, b_ih, b_hh, None, w_ch, **_cell_ln("LSTM", layer_norm))
     variant = w_ch is not None or coupled_gates
-    return _cell("LSTM", input, hx[0], hx[1], w, coupled_gates, variant, backend)
+    return _cell("LSTM", input, hx[0], hx[1], w, coupled_gates, variant, backend,
+                 _cell_opts("LSTM", zoneout, training))  # fmt: skip
 
 
-def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend="auto"):
-    """One GRU step on (B, I) input and h (B, H); returns h'."""
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend="auto", zoneout=0.0,
+             training=False, layer_norm=None):  # fmt: skip
+    """One GRU step on (B, I) input and h (B, H); returns h'. zoneout, training, layer_norm
+    (w_ln_ih, b_ln_ih, w_ln_hh, b_ln_hh) as `lstm_cell`."""
     dispatch.check_backend(backend)
-    return _cell("GRU", input, hx, None, CellWeights(w_ih, w_hh, b_ih, b_hh), False, False,
-                 backend)[0]  # fmt: skip
+    w = CellWeights(w_ih, w_hh, b_ih, b_hh, **_cell_ln("GRU", layer_norm))
+    return _cell("GRU", input, hx, None, w, False, False, backend,
+                 _cell_opts("GRU", zoneout, training))[0]  # fmt: skip
 
 
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, nonlinearity="tanh",
-             backend="auto"):  # fmt: skip
-    """One Elman RNN step (tanh or relu) on (B, I) input and h (B, H); returns h'."""
+             backend="auto", zoneout=0.0, training=False):  # fmt: skip
+    """One Elman RNN step (tanh or relu) on (B, I) input and h (B, H); returns h'. zoneout and
+    training as `lstm_cell`."""
     dispatch.check_backend(backend)
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
     mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
     return _cell(mode, input, hx, None, CellWeights(w_ih, w_hh, b_ih, b_hh), False, False,
-                 backend)[0]  # fmt: skip
+                 backend, _cell_opts(mode, zoneout, training))[0]  # fmt: skip

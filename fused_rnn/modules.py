@@ -7,6 +7,11 @@ PackedSequence) and outputs. Extra behaviour is keyword-only and off by default:
 
     backend="auto" | "torch" | "stepwise" | "persistent"    which kernels run (fused_rnn.dispatch)
     peephole=True, coupled_gates=True                       LSTM variants (LSTM and LSTMCell)
+    zoneout=z (LSTM: z or (z_c, z_h))                       zoneout of the states (all six)
+    recurrent_dropout=p                                     variational dropout of h into W_hh
+                                                            (LSTM, GRU, RNN)
+    layer_norm=True                                         layer-normalised LSTM, GRU, LSTMCell,
+                                                            GRUCell (adds parameters)
 
 Weights are read again on every forward: in-place edits, `load_state_dict`, re-assigned
 Parameters, `functional_call` and parametrizations all take effect on the next call.
@@ -30,10 +35,39 @@ __all__ = ["RNNBase", "RNN", "LSTM", "GRU", "RNNCellBase", "RNNCell", "LSTMCell"
 _MODE_NAME = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 
 
-def _check_variants(peephole, coupled_gates):
-    for name, value in (("peephole", peephole), ("coupled_gates", coupled_gates)):
+def _check_variants(peephole, coupled_gates, layer_norm=False):
+    for name, value in (("peephole", peephole), ("coupled_gates", coupled_gates),
+                        ("layer_norm", layer_norm)):  # fmt: skip
         if not isinstance(value, bool):
             raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _ln_shapes(gate_size: int, hidden_size: int, lstm: bool) -> list[tuple[str, tuple]]:
+    """(stem, shape) of the layer-norm parameters of one layer-direction (or cell), in their
+    registration order: gains and biases of LN_ih, LN_hh (gate_size,) and the LSTM's LN_c (H,)."""
+    shapes = [("weight_ln_ih", (gate_size,)), ("bias_ln_ih", (gate_size,)),
+              ("weight_ln_hh", (gate_size,)), ("bias_ln_hh", (gate_size,))]  # fmt: skip
+    if lstm:
+        shapes += [("weight_ln_c", (hidden_size,)), ("bias_ln_c", (hidden_size,))]
+    return shapes
+
+
+def _is_ln(name: str) -> bool:
+    return name.startswith(("weight_ln_", "bias_ln_"))
+
+
+def _reset(module: nn.Module, hidden_size: int) -> None:
+    """torch.nn's init, U(-1/sqrt(H), 1/sqrt(H)) for every parameter in registration order, but
+    the layer-norm parameters are skipped (so the other parameters get the same draws as in
+    torch.nn for a seed) and set to gain 1, bias 0."""
+    stdv = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0
+    for name, weight in module.named_parameters():
+        if not _is_ln(name.rpartition(".")[2]):
+            nn.init.uniform_(weight, -stdv, stdv)
+    with torch.no_grad():
+        for name, weight in module.named_parameters():
+            if _is_ln(name.rpartition(".")[2]):
+                weight.fill_(1.0 if name.rpartition(".")[2].startswith("weight") else 0.0)
 
 
 class RNNBase(nn.Module):
@@ -56,6 +90,9 @@ class RNNBase(nn.Module):
         backend: str = "auto",
         peephole: bool = False,
         coupled_gates: bool = False,
+        zoneout=0.0,
+        recurrent_dropout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         self.mode = mode
@@ -70,6 +107,9 @@ class RNNBase(nn.Module):
         self.backend = dispatch.check_backend(backend)
         self.peephole = peephole
         self.coupled_gates = coupled_gates
+        self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
+        self.layer_norm = layer_norm
         num_directions = 2 if bidirectional else 1
 
         if (
@@ -107,10 +147,14 @@ class RNNBase(nn.Module):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        _check_variants(peephole, coupled_gates)
+        _check_variants(peephole, coupled_gates, layer_norm)
         if (peephole or coupled_gates) and mode != "LSTM":
             name = "peephole" if peephole else "coupled_gates"
             raise TypeError(f"RNNBase.__init__() got an unexpected keyword argument '{name}'")
+        if layer_norm and mode not in ("LSTM", "GRU"):
+            raise TypeError("RNNBase.__init__() got an unexpected keyword argument 'layer_norm'")
+        functional.check_zoneout(mode, zoneout)
+        functional.check_recurrent_dropout(recurrent_dropout)
 
         gate_size = functional.gate_count(mode, coupled_gates) * hidden_size
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
@@ -130,6 +174,8 @@ class RNNBase(nn.Module):
                     shapes += [("weight_hr", (proj_size, hidden_size))]
                 if peephole:
                     shapes += [("weight_ch", ((2 if coupled_gates else 3) * hidden_size,))]
+                if layer_norm:
+                    shapes += _ln_shapes(gate_size, hidden_size, mode == "LSTM")
                 suffix = "_reverse" if direction == 1 else ""
                 names = []
                 for stem, shape in shapes:
@@ -141,9 +187,7 @@ class RNNBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset(self, self.hidden_size)
 
     @property
     def _flat_weights(self) -> list[Tensor]:
@@ -172,8 +216,9 @@ class RNNBase(nn.Module):
 
     def _cell_weights(self) -> list[CellWeights]:
         return functional._layer_weights(
-            self.all_weights, self.bias, self.proj_size > 0, self.peephole
-        )
+            self.all_weights, self.bias, self.proj_size > 0, self.peephole,
+            layer_norm=self.layer_norm, mode=self.mode,
+        )  # fmt: skip
 
     # --- input checks (torch's order and exception types) -----------------------------------
 
@@ -263,7 +308,8 @@ class RNNBase(nn.Module):
             num_layers=self.num_layers, dropout=self.dropout, training=self.training,
             bidirectional=self.bidirectional, batch_first=self.batch_first,
             proj_size=self.proj_size, peephole=self.peephole, coupled=self.coupled_gates,
-            backend=self.backend,
+            backend=self.backend, zoneout=self.zoneout, recurrent_dropout=self.recurrent_dropout,
+            layer_norm=self.layer_norm,
         )  # fmt: skip
         if not is_batched:
             output = output.squeeze(0 if self.batch_first else 1)
@@ -306,9 +352,21 @@ class RNNBase(nn.Module):
             s += ", peephole=True"
         if self.coupled_gates:
             s += ", coupled_gates=True"
+        s += _options_repr(self)
         if self.backend != "auto":
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
+
+
+def _options_repr(module) -> str:
+    s = ""
+    if getattr(module, "zoneout", 0) not in (0, 0.0, (0, 0), [0, 0], (0.0, 0.0)):
+        s += f", zoneout={module.zoneout!r}"
+    if getattr(module, "recurrent_dropout", 0):
+        s += f", recurrent_dropout={module.recurrent_dropout!r}"
+    if getattr(module, "layer_norm", False):
+        s += ", layer_norm=True"
+    return s
 
 
 class RNN(RNNBase):
@@ -316,7 +374,8 @@ class RNN(RNNBase):
 
     Args as torch.nn.RNN (input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None), plus the
-    keyword-only ``backend``. Input (L, N, H_in) / (N, L, H_in) / (L, H_in) or a PackedSequence,
+    keyword-only ``backend``, ``zoneout`` and ``recurrent_dropout`` (as fused_rnn.LSTM).
+    Input (L, N, H_in) / (N, L, H_in) / (L, H_in) or a PackedSequence,
     h_0 (D*num_layers, N, H); returns (output, h_n).
 
     Example:
@@ -369,8 +428,25 @@ class LSTM(RNNBase):
         coupled_gates: coupled input and forget gate (CIFG), i = 1 - f. The input gate has no
             weights: weight_ih/weight_hh/biases have 3*hidden_size rows in the order (f, g, o),
             and with peephole ``weight_ch`` is (2*hidden_size,) in the order (f, o).
+        zoneout: a float z in [0, 1) or a pair (z_c, z_h) (Krueger et al. 2016). In training,
+            each unit of c (h) keeps its previous value with probability z_c (z_h) at each step,
+            row and unit: c_t = d ⊙ c_{t-1} + (1 - d) ⊙ c̃_t, h_t likewise with its own d, where
+            c̃_t, h̃_t = o ⊙ tanh(c̃_t) are the usual cell outputs; y_t is h_t. In evaluation the
+            expectation, c_t = z_c c_{t-1} + (1 - z_c) c̃_t. Masks from torch's generator (one
+            draw per forward, fused_rnn._rng): reproducible under torch.manual_seed.
+        recurrent_dropout: p in [0, 1) (Gal & Ghahramani 2016): in training, h_{t-1} ⊙ m
+            enters W_hh, m (B, R) one mask per sequence, layer and direction, 0 with probability
+            p, else 1/(1-p). One bernoulli draw of torch's generator per layer-direction.
+        layer_norm: Ba, Kiros & Hinton (2016): gates = LN_ih(x W_ih^T) + b_ih +
+            LN_hh(h W_hh^T) + b_hh, each LN over the row's G*hidden_size values (nn.LayerNorm:
+            biased variance, eps 1e-5), and h = o ⊙ tanh(LN_c(c)) (c carried unnormalised;
+            with proj_size before the projection). Adds, after the other parameters of each
+            layer and direction, ``weight_ln_ih_l{k}``, ``bias_ln_ih_l{k}``,
+            ``weight_ln_hh_l{k}``, ``bias_ln_hh_l{k}`` (G*hidden_size,) and ``weight_ln_c_l{k}``,
+            ``bias_ln_c_l{k}`` (hidden_size,) (suffix ``_reverse``), gains 1 and biases 0.
 
-    With both off (the default) parameters, state_dict and outputs are those of torch.nn.LSTM.
+    With all of these off (the default) parameters, state_dict and outputs are those of
+    torch.nn.LSTM.
     Gate order (i, f, g, o). Input as torch.nn.LSTM; hx = (h_0 (D*num_layers, N, H_out),
     c_0 (D*num_layers, N, H)); returns (output, (h_n, c_n)).
 
@@ -395,17 +471,26 @@ class LSTM(RNNBase):
         backend="auto",
         peephole=False,
         coupled_gates=False,
+        zoneout=0.0,
+        recurrent_dropout=0.0,
+        layer_norm=False,
     ):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend,
-                         peephole=peephole, coupled_gates=coupled_gates)  # fmt: skip
+                         peephole=peephole, coupled_gates=coupled_gates, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout,
+                         layer_norm=layer_norm)  # fmt: skip
 
 
 class GRU(RNNBase):
     """Gated recurrent unit: a drop-in for torch.nn.GRU.
 
     ``n = tanh(x W_in^T + b_in + r ⊙ (h W_hn^T + b_hn))``, ``h' = (1 - z) ⊙ n + z ⊙ h``, gate
-    order (r, z, n). Args as torch.nn.GRU plus the keyword-only ``backend``.
+    order (r, z, n). Args as torch.nn.GRU plus the keyword-only ``backend``, ``zoneout`` (a
+    float), ``recurrent_dropout`` (the dropped h feeds all three products W_hr h, W_hz h,
+    W_hn h; the carry z ⊙ h keeps the undropped h) and ``layer_norm`` (the n block of LN_hh's
+    output plus b_hn is what r multiplies; parameters as fused_rnn.LSTM's without LN_c), all as
+    fused_rnn.LSTM.
 
     Example:
         >>> gru = fused_rnn.GRU(10, 20, bidirectional=True)
@@ -462,9 +547,25 @@ class RNNCellBase(nn.Module):
             self.register_parameter("bias_hh", None)
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset(self, self.hidden_size)
+
+    def _add_options(self, mode: str, zoneout, layer_norm: bool, num_chunks: int, factory):
+        """Validates and keeps `zoneout`; with `layer_norm`, registers its parameters after the
+        others (names as the layers' without the _l{k} suffix)."""
+        functional.check_zoneout(mode, zoneout)
+        self.zoneout = zoneout
+        self.layer_norm = layer_norm
+        if layer_norm:
+            for stem, shape in _ln_shapes(num_chunks * self.hidden_size, self.hidden_size,
+                                          mode == "LSTM"):  # fmt: skip
+                self.register_parameter(stem, nn.Parameter(torch.empty(shape, **factory)))
+
+    def _ln_weights(self):
+        if not getattr(self, "layer_norm", False):
+            return None
+        names = ["weight_ln_ih", "bias_ln_ih", "weight_ln_hh", "bias_ln_hh"]
+        names += ["weight_ln_c", "bias_ln_c"] if hasattr(self, "weight_ln_c") else []
+        return tuple(getattr(self, n) for n in names)
 
     __prepare_scriptable__ = RNNBase.__prepare_scriptable__
 
@@ -478,6 +579,7 @@ class RNNCellBase(nn.Module):
             s += ", peephole=True"
         if getattr(self, "coupled_gates", False):
             s += ", coupled_gates=True"
+        s += _options_repr(self)
         if self.backend != "auto":
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
@@ -529,15 +631,19 @@ class RNNCellBase(nn.Module):
 class RNNCell(RNNCellBase):
     """An Elman RNN cell: a drop-in for torch.nn.RNNCell (note: bias comes before nonlinearity).
 
+    Keyword-only extras: ``backend``, ``zoneout`` (a float: h' = d ⊙ h + (1 - d) ⊙ h̃, as
+    fused_rnn.LSTM's, a fresh mask per call in training).
+
     Example:
         >>> cell = fused_rnn.RNNCell(10, 20)
         >>> h = cell(torch.randn(3, 10))
     """
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
-                 dtype=None, *, backend="auto"):  # fmt: skip
+                 dtype=None, *, backend="auto", zoneout=0.0):  # fmt: skip
         super().__init__(input_size, hidden_size, bias, 1, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity
+        self._add_options("RNN_TANH", zoneout, False, 1, None)
         self.reset_parameters()
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
@@ -546,12 +652,17 @@ class RNNCell(RNNCellBase):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         ret = functional.rnn_cell(input, h, self.weight_ih, self.weight_hh, self.bias_ih,
                                   self.bias_hh, nonlinearity=self.nonlinearity,
-                                  backend=self.backend)  # fmt: skip
+                                  backend=self.backend, zoneout=self.zoneout,
+                                  training=self.training)  # fmt: skip
         return ret if is_batched else ret.squeeze(0)
 
 
 class GRUCell(RNNCellBase):
     """A GRU cell: a drop-in for torch.nn.GRUCell. Gate order (r, z, n).
+
+    Keyword-only extras: ``backend``, ``zoneout`` (a float) and ``layer_norm`` (adds
+    ``weight_ln_ih``, ``bias_ln_ih``, ``weight_ln_hh``, ``bias_ln_hh`` of shape (3*hidden_size,)),
+    as fused_rnn.GRU's; zoneout draws a fresh mask per call in training.
 
     Example:
         >>> cell = fused_rnn.GRUCell(10, 20)
@@ -559,14 +670,18 @@ class GRUCell(RNNCellBase):
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 backend="auto"):  # fmt: skip
+                 backend="auto", zoneout=0.0, layer_norm=False):  # fmt: skip
+        _check_variants(False, False, layer_norm)
         super().__init__(input_size, hidden_size, bias, 3, device, dtype, backend=backend)
+        self._add_options("GRU", zoneout, layer_norm, 3, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         input, (h,), is_batched = self._prepare("GRUCell", input, [hx])
         ret = functional.gru_cell(input, h, self.weight_ih, self.weight_hh, self.bias_ih,
-                                  self.bias_hh, backend=self.backend)  # fmt: skip
+                                  self.bias_hh, backend=self.backend, zoneout=self.zoneout,
+                                  training=self.training,
+                                  layer_norm=self._ln_weights())  # fmt: skip
         return ret if is_batched else ret.squeeze(0)
 
 
@@ -574,8 +689,11 @@ class LSTMCell(RNNCellBase):
     """An LSTM cell: a drop-in for torch.nn.LSTMCell, with the LSTM variants.
 
     Keyword-only extras as fused_rnn.LSTM: ``backend``, ``peephole`` (adds ``weight_ch`` of shape
-    (3*hidden_size,), order (i, f, o)) and ``coupled_gates`` (i = 1 - f; 3*hidden_size weight
-    rows in the order (f, g, o); ``weight_ch`` (2*hidden_size,) in the order (f, o)).
+    (3*hidden_size,), order (i, f, o)), ``coupled_gates`` (i = 1 - f; 3*hidden_size weight
+    rows in the order (f, g, o); ``weight_ch`` (2*hidden_size,) in the order (f, o)),
+    ``zoneout`` (a float or (z_c, z_h); a fresh mask per call in training) and ``layer_norm``
+    (adds ``weight_ln_ih``, ``bias_ln_ih``, ``weight_ln_hh``, ``bias_ln_hh`` (G*hidden_size,),
+    ``weight_ln_c``, ``bias_ln_c`` (hidden_size,), after the other parameters).
 
     Example:
         >>> cell = fused_rnn.LSTMCell(10, 20)
@@ -583,15 +701,18 @@ class LSTMCell(RNNCellBase):
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 backend="auto", peephole=False, coupled_gates=False):  # fmt: skip
-        _check_variants(peephole, coupled_gates)
-        super().__init__(input_size, hidden_size, bias, 3 if coupled_gates else 4, device, dtype,
+                 backend="auto", peephole=False, coupled_gates=False, zoneout=0.0,
+                 layer_norm=False):  # fmt: skip
+        _check_variants(peephole, coupled_gates, layer_norm)
+        chunks = 3 if coupled_gates else 4
+        super().__init__(input_size, hidden_size, bias, chunks, device, dtype,
                          backend=backend)  # fmt: skip
         self.peephole = peephole
         self.coupled_gates = coupled_gates
         if peephole:
             n = (2 if coupled_gates else 3) * hidden_size
             self.weight_ch = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
+        self._add_options("LSTM", zoneout, layer_norm, chunks, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
@@ -599,6 +720,7 @@ class LSTMCell(RNNCellBase):
         input, (h, c), is_batched = self._prepare("LSTMCell", input, hxs)
         h, c = functional.lstm_cell(input, (h, c), self.weight_ih, self.weight_hh, self.bias_ih,
                                     self.bias_hh, w_ch=getattr(self, "weight_ch", None),
-                                    coupled_gates=self.coupled_gates,
-                                    backend=self.backend)  # fmt: skip
+                                    coupled_gates=self.coupled_gates, backend=self.backend,
+                                    zoneout=self.zoneout, training=self.training,
+                                    layer_norm=self._ln_weights())  # fmt: skip
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

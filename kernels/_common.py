@@ -6,8 +6,10 @@ the persistent kernels' launch: their tiling (`persistent_tiles`), the co-reside
 grid, the persistent-or-stepwise decision (`choose`, `refusal`) and the cooperative launch
 (`launch_persistent`).
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
-the stepwise kernels, the live-step mask `_live`, and for the persistent kernels the grid
-barrier `_grid_barrier`, the chunked operands and products (`_k_tiles`, `_dot_tiles`) and the
+the stepwise kernels (and `_mm_tile_scaled`, recurrent dropout's), the live-step mask `_live`,
+the zoneout masks (`_zoneout_keep`, `_zoneout_factor`, `_zone`), the layer norm of the
+recurrence (`_ln_rec_kernel` and its helpers), and for the persistent kernels the grid barrier
+`_grid_barrier`, the chunked operands and products (`_k_tiles`, `_dot_tiles`) and the
 gate-stacked tiles' splitting (`_split_gates`, `_diag_sum`).
 
 Public names here are used by all cells: keep them stable.
@@ -64,6 +66,17 @@ __all__ = [
     "_dot",
     "_mm_tile",
     "_live",
+    "zoneout_threshold",
+    "_zoneout_keep",
+    "_zoneout_factor",
+    "_zone",
+    "_mm_tile_scaled",
+    "LN_EPS",
+    "_ln_rec_kernel",
+    "_ln_stats",
+    "_ln_sums",
+    "_ln_gate",
+    "_mm_tile_ln",
     "_grid_barrier",
     "_k_tiles",
     "_dot_tiles",
@@ -720,6 +733,271 @@ def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
         return (t < b_len)[None, :]
     else:
         return m_b[None, :]
+
+
+# --------------------------------------------------------------------------- zoneout
+#
+# The mask of zoneout (Krueger et al. 2016) at time step t, batch row b and unit j of a state of
+# width W is one Philox4x32-10 draw (tl.philox, Salmon et al. 2011) under the 64-bit key
+# rng[0], counter (b * W + j, t, 2 * z_stream + WHICH, rng[1] mod 2**32), z_stream the
+# layer-direction index and WHICH 0 for h, 1 for c: the unit keeps its previous value when the
+# first output word u has (u >> 1) < floor(p * 2**31). (The kernels' argument is z_stream:
+# Triton's launcher reserves the keyword `stream`.) fused_rnn._rng computes the same bits in
+# torch ops (the torch path and the tests); tests check the two bit for bit. Nothing of size
+# T x B x W is stored: backward draws the masks again.
+
+
+def zoneout_threshold(p: float) -> int:
+    """The int32 threshold of a keep probability p in [0, 1): floor(p * 2**31)."""
+    return min(int(p * 2**31), 2**31 - 1)
+
+
+@triton.jit
+def _zoneout_keep(rng, t, z_stream, o_w, o_b, W, WHICH: tl.constexpr, thr):
+    """(BLOCK_W, BLOCK_B) int1: units o_w of rows o_b keep their previous value at step t.
+
+    rng: (2,) int64 (seed, offset); thr: int32 `zoneout_threshold`."""
+    seed = tl.load(rng)
+    c0 = (o_b[None, :] * W + o_w[:, None]).to(tl.uint32)
+    zero = c0 * 0
+    # tl.cast: a compiled kernel may see z_stream (or t) as a specialised Python int (value 1)
+    c1 = zero + tl.cast(t, tl.uint32)
+    c2 = zero + tl.cast(z_stream * 2 + WHICH, tl.uint32)
+    c3 = zero + tl.load(rng + 1).to(tl.uint32)
+    u, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return (u >> 1).to(tl.int32) < thr
+
+
+@triton.jit
+def _zoneout_factor(rng, t, z_stream, o_w, o_b, W, z, thr, WHICH: tl.constexpr,
+                    HAS_RNG: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """(BLOCK_W, BLOCK_B) zoneout factor d in ACC: the 0/1 mask in training (HAS_RNG), else the
+    probability z (the expectation, evaluation)."""
+    if HAS_RNG:
+        keep = _zoneout_keep(rng, t, z_stream, o_w, o_b, W, WHICH, thr)
+        return tl.where(keep, 1.0, 0.0).to(ACC)
+    else:
+        return tl.zeros([o_w.shape[0], o_b.shape[0]], dtype=ACC) + z
+
+
+@triton.jit
+def _zone(b_old, b_new, rng, t, z_stream, o_w, o_b, W, z, thr, WHICH: tl.constexpr,
+          HAS_RNG: tl.constexpr):  # fmt: skip
+    """Zoneout of a (BLOCK_W, BLOCK_B) state: the old value where the mask keeps it, else the
+    new one (training, exact); z * old + (1 - z) * new without rng (evaluation). In the dtype
+    of b_new."""
+    if HAS_RNG:
+        keep = _zoneout_keep(rng, t, z_stream, o_w, o_b, W, WHICH, thr)
+        return tl.where(keep, b_old.to(b_new.dtype), b_new)
+    else:
+        return (b_new + z * (b_old.to(b_new.dtype) - b_new)).to(b_new.dtype)
+
+
+@triton.jit
+def _mm_tile_scaled(
+    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
+    a,  # A[m, k] at a + m * stride_am + k * stride_ak
+    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
+    s,  # S[b, k] at s + b * stride_xb + k, ACC: multiplies X (recurrent dropout's mask)
+    stride_am,
+    stride_ak,
+    stride_xb,
+    o_m,
+    m_m,
+    o_b,
+    m_b,
+    K,
+    DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """b_acc + A[o_m, :K] @ (X ⊙ S)[o_b, :K]^T: `_mm_tile` with X scaled elementwise by S (in
+    ACC, rounded back to X's dtype for the product)."""
+    for k in range(0, K, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(
+            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        m_x = m_k[:, None] & m_b[None, :]
+        o_x = o_b[None, :] * stride_xb + o_k[:, None]
+        b_x = tl.load(x + o_x, mask=m_x, other=0.0)
+        b_s = tl.load(s + o_x, mask=m_x, other=0.0)
+        b_x = (b_x.to(b_s.dtype) * b_s).to(b_x.dtype)
+        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
+    return b_acc
+
+
+# --------------------------------------------------------------------------- layer norm
+#
+# Layer norm of the recurrent product (Ba, Kiros & Hinton 2016), u = h W_hh^T: each batch row's
+# G*H values are normalised together, û = (u - mean) * rstd, then scaled by the gain γ (the bias
+# folds into gx). A stepwise program owns a block of units (all G gates) of a block of rows, so
+# a row's statistics need the products of every program: a reduction across programs, at every
+# step. The schemes considered, with per-step costs at B=16, H=768 on an H200 (estimates from
+# launch latency and bandwidth, not measurements):
+#
+#   (a) one program per batch tile owning all G*H rows: one launch per step, but that program
+#       reads all of W_hh (4.7 MB in fp16 for the LSTM) every step from one SM's share of the
+#       bandwidth (~0.1-0.2 TB/s): ~25-50 µs per step, against ~2 µs for a step spread over the
+#       SMs. Only for tiny H.
+#   (b) statistics from algebra on W_hh: mean(u) = h · mean_rows(W_hh) is cheap anywhere, but
+#       var(u) = h M h^T / (G*H) - mean², M = W_hh^T W_hh, costs R² per row in every program
+#       (R / (G * BLOCK_H) = 12 times a program's own product at H=768) and cancels in fp32.
+#   (c) two phases (this): phase 1, `_ln_rec_kernel`, forms u for a block of BLOCK_N of the G*H
+#       rows and stores it (B, G*H) in fp32, with that block's mean and M2 (sum of squared
+#       deviations) per batch row; phase 2, the cell kernel, merges the n_blocks partials of
+#       its rows (`_ln_stats`: Chan, Golub & LeVeque's pairwise update, no E[u²] - E[u]²
+#       cancellation), normalises its own tile and runs the cell. Extra per step: one launch
+#       (~1.5-3 µs replayed from a CUDA graph, the dominant term), u written and read back
+#       (2 x B x G*H x 4 bytes = 0.4 MB, ~0.1 µs), n_blocks (~200) partial loads per row.
+#
+# The LSTM's output norm LN_c over the H units of c' is a second reduction across programs: a
+# third forward launch per step (the cell kernel leaves c' and o and per-program partials of
+# c'; `_lstm_fwd_ln_out_kernel` merges them and forms h).
+#
+# Backward: du = rstd (γ ⊙ dv - mean(γ ⊙ dv) - û mean(γ ⊙ dv ⊙ û)) needs two row means per
+# step. The launch that forms dh_t = du_{t+1} W_hh builds du_{t+1} chunk by chunk inside its
+# product (`_mm_tile_ln`) from dv_{t+1} (the gate gradients, stored anyway), û_{t+1}, rstd_{t+1}
+# and the two row sums, which the launch of step t+1 left as per-program partial sums
+# (`_ln_sums`): LN_hh adds no backward launch (the GRU keeps one per step; the LSTM's LN_c adds
+# a second, for the same reason as in forward).
+#
+# Memory: forward keeps û (T, B, G*H) and rstd (T, B) in fp32, and for the LSTM the mean and
+# rstd of c' (T, B, 2): with the LSTM's gates that is about twice the saved activations of a
+# plain layer. Keeping the raw u instead would cost the same in fp32 (in fp16 / bf16 the
+# normalisation would amplify its rounding); û saves backward a subtraction and a multiply.
+
+LN_EPS = 1e-5  # nn.LayerNorm's default
+_LN_EPS = tl.constexpr(LN_EPS)  # what a jit function may read
+
+
+@triton.heuristics({"HAS_DROP": lambda a: a["drop"] is not None})
+@triton.jit(do_not_specialize=["t", "s_in"])
+def _ln_rec_kernel(
+    hs,  # (T+1, B, R) states in time order: reads slot s_in
+    w_hh,  # (N, R) input dtype, N = G*H rows in gate-block order
+    drop,  # (B, R) ACC or None: recurrent dropout's mask on h
+    lnb,  # (T or 1, B, LD) ACC: u = (h ⊙ drop) W_hh^T into columns [0, N) of slot t * TS
+    part,  # (n_blocks, B, 2) ACC, out: mean and M2 of each block's u, per batch row
+    t,  # time index of this step
+    s_in,  # hs slot of h_{t-1}
+    B,
+    N,
+    R,
+    LD,  # row stride of lnb
+    TS,  # step stride of lnb: B * LD, or 0 (one slot reused: inference)
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+):
+    """Phase 1 of a layer-normalised step: the recurrent product of rows o_n of W_hh for batch
+    rows o_b, and its partial statistics (module comment above)."""
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_n, m_b = o_n < N, o_b < B
+    p_h = hs + s_in.to(tl.int64) * B * R
+    b_u = tl.zeros([BLOCK_N, BLOCK_B], dtype=ACC)
+    if HAS_DROP:
+        b_u = _mm_tile_scaled(b_u, w_hh, p_h, drop, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC,
+                              BLOCK_K)  # fmt: skip
+    else:
+        b_u = _mm_tile(b_u, w_hh, p_h, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC, BLOCK_K)
+    m_nb = m_n[:, None] & m_b[None, :]
+    tl.store(lnb + t.to(tl.int64) * TS + o_b[None, :] * LD + o_n[:, None], b_u, mask=m_nb)
+    n_p = tl.minimum(N - i_n * BLOCK_N, BLOCK_N).to(ACC)
+    b_mean = tl.sum(tl.where(m_nb, b_u, 0.0), axis=0) / n_p
+    b_dev = tl.where(m_nb, b_u - b_mean[None, :], 0.0)
+    p_part = part + (i_n * B + o_b) * 2
+    tl.store(p_part, b_mean, mask=m_b)
+    tl.store(p_part + 1, tl.sum(b_dev * b_dev, axis=0), mask=m_b)
+
+
+@triton.jit
+def _ln_stats(part, o_b, m_b, B, N, n_blocks, block_n, ACC: tl.constexpr):
+    """(mean, rstd) (BLOCK_B,) in ACC of rows o_b over N values, from the per-block (mean, M2)
+    partials of `_ln_rec_kernel` (n_blocks blocks of block_n values, the last one short)."""
+    b_sum = tl.zeros([o_b.shape[0]], dtype=ACC)
+    for p in range(0, n_blocks):
+        n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
+        b_sum += n_p * tl.load(part + (p * B + o_b) * 2, mask=m_b, other=0.0)
+    b_mean = b_sum / N
+    b_m2 = tl.zeros([o_b.shape[0]], dtype=ACC)
+    for p in range(0, n_blocks):
+        n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
+        p_part = part + (p * B + o_b) * 2
+        b_d = tl.load(p_part, mask=m_b, other=0.0) - b_mean
+        b_m2 += tl.load(p_part + 1, mask=m_b, other=0.0) + n_p * b_d * b_d
+    return b_mean, 1.0 / tl.sqrt(b_m2 / N + _LN_EPS)
+
+
+@triton.jit
+def _ln_sums(pb, o_b, m_b, B, n_parts, ACC: tl.constexpr):
+    """Two (BLOCK_B,) sums over n_parts per-program partials at pb ((n_parts, B, 2))."""
+    b_s1 = tl.zeros([o_b.shape[0]], dtype=ACC)
+    b_s2 = tl.zeros([o_b.shape[0]], dtype=ACC)
+    for p in range(0, n_parts):
+        p_pb = pb + (p * B + o_b) * 2
+        b_s1 += tl.load(p_pb, mask=m_b, other=0.0)
+        b_s2 += tl.load(p_pb + 1, mask=m_b, other=0.0)
+    return b_s1, b_s2
+
+
+@triton.jit
+def _ln_gate(p_u, p_gam, m_h, m_hb, b_mean, b_rstd):
+    """γ ⊙ û of one (BLOCK_H, BLOCK_B) gate tile: û = (u - mean) rstd from the raw product u at
+    p_u, stored back there (backward reads û); γ (BLOCK_H,) at p_gam."""
+    b_u = tl.load(p_u, mask=m_hb, other=0.0)
+    b_uh = (b_u - b_mean[None, :]) * b_rstd[None, :]
+    tl.store(p_u, b_uh, mask=m_hb)
+    return b_uh * tl.load(p_gam, mask=m_h, other=0.0).to(b_uh.dtype)[:, None]
+
+
+@triton.jit
+def _mm_tile_ln(
+    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
+    a,  # A[m, k] at a + m * stride_am + k * stride_ak
+    x,  # X[b, k] at x + b * stride_xb + k: the gradient of LN's output (one gate block)
+    xh,  # Û[b, k] at xh + b * stride_hb + k, ACC: LN's normalised values
+    gam,  # γ[k] at gam + k: the gains of that block
+    stride_am,
+    stride_ak,
+    stride_xb,
+    stride_hb,
+    o_m,
+    m_m,
+    o_b,
+    m_b,
+    K,
+    b_rstd,  # (BLOCK_B,) rstd of the rows
+    b_s1,  # (BLOCK_B,) mean over the row of γ ⊙ X (all blocks)
+    b_s2,  # (BLOCK_B,) mean over the row of γ ⊙ X ⊙ Û
+    DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """b_acc + A[o_m, :K] @ DU[o_b, :K]^T with DU = rstd (γ ⊙ X - s1 - Û s2), the gradient of a
+    layer norm's input, formed chunk by chunk (never stored)."""
+    for k in range(0, K, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(
+            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        m_x = m_k[:, None] & m_b[None, :]
+        b_x = tl.load(x + o_b[None, :] * stride_xb + o_k[:, None], mask=m_x, other=0.0)
+        b_xh = tl.load(xh + o_b[None, :] * stride_hb + o_k[:, None], mask=m_x, other=0.0)
+        b_g = tl.load(gam + o_k, mask=m_k, other=0.0).to(b_xh.dtype)[:, None]
+        b_du = b_rstd[None, :] * (b_g * b_x.to(b_xh.dtype) - b_s1[None, :] - b_xh * b_s2[None, :])
+        b_du = tl.where(m_x, b_du, 0.0)
+        b_acc = _dot(b_a, b_du.to(b_a.dtype), b_acc, DOT_PREC)
+    return b_acc
 
 
 @triton.jit

@@ -60,6 +60,22 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
 ws is only written when a gradient is needed. Backward writes dgx (T, B, G*H) in the input dtype
 (it is both the returned gradient and, for the r, z (or RNN) blocks, dgh) and for the GRU dhn
 (T, B, H), the n block of dgh (persistent: the n block of the (T, B, 3H) dgh slab).
+
+Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+    zoneout     h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃_t (Krueger et al. 2016), d the 0/1 Philox masks
+                of _common._zoneout_keep (drawn again in backward) in training, the probability
+                in evaluation; y_t = h_t. Backward: (1 - d) ⊙ dh enters the cell, d ⊙ dh joins
+                carry. The RNN's backward needs act'(h̃), which the zoned state no longer shows:
+                with zoneout it keeps h̃ in ws (T, B, H).
+    recurrent dropout   h ⊙ m meets W_hh, m (B, H) of 0 and 1/(1-p) per sequence (Gal &
+                Ghahramani 2016), in all three GRU products; the carry z ⊙ h keeps h.
+    layer norm  (GRU) a = γ ⊙ û + [0 | 0 | b_hn], û = LN(h W_hh^T) over the row's 3H values
+                (Ba, Kiros & Hinton 2016; kernels/_common.py, "layer norm"): phase 1
+                `_common._ln_rec_kernel` then the step kernel, two launches per step; aux
+                (T, B, 3H + 1) fp32: û | rstd. Backward stays one launch per step: it forms
+                du = LN'(dgh) inside the product from per-program row sums the previous launch
+                left (two slots by step parity, as one launch reads one step's and writes the
+                next's).
 """
 
 from __future__ import annotations
@@ -74,10 +90,18 @@ from ._common import (
     _grid_barrier,
     _k_tiles,
     _live,
+    _ln_gate,
+    _ln_rec_kernel,
+    _ln_stats,
+    _ln_sums,
     _mm_tile,
+    _mm_tile_ln,
+    _mm_tile_scaled,
     _sigmoid,
     _split_gates,
     _tanh,
+    _zone,
+    _zoneout_factor,
     acc_dtype,
     block_b,
     block_h,
@@ -88,6 +112,7 @@ from ._common import (
     launch_persistent,
     new_output,
     persistent_tile_choices,
+    zoneout_threshold,
 )
 from ._launch import step_launcher
 
@@ -226,11 +251,20 @@ def _gru_bwd_step(b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, p_dgx, dhn, o_dh
     return b_carry
 
 
+_OPTION_HEURISTICS = {
+    "HAS_RNG": lambda a: a["rng"] is not None,
+    "HAS_DROP": lambda a: a["drop"] is not None,
+    "ZONE_H": lambda a: a["z_h"] > 0,
+}
+
+
 @triton.heuristics(
     {
         "HAS_B_HN": lambda a: a["b_hn"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "STORE_WS": lambda a: a["ws"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t", "s_in", "s_out"])
@@ -241,12 +275,24 @@ def _fwd_step_kernel(
     b_hn,  # (H,) or None: the GRU's b_hh n block
     lengths,  # (B,) int64 or None
     y,  # (T, B, H) output
-    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward
+    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward; RNN with zoneout (T, B, H) h̃
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, H) ACC: recurrent dropout's mask on h where it meets W_hh, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm; its bias is in gx, b_hn)
+    lnb,  # (T or 1, B, LD) ACC, layer norm: u of the step (phase 1) -> û in place, rstd at G*H
+    part,  # (n_ln, B, 2) ACC, layer norm: phase 1's partial statistics
     t,  # step
     s_in,  # hs slot of h (t, or t + 1 with reverse)
     s_out,  # hs slot of h' (t + 1, or t with reverse)
     B,
     H,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability (ZONE_H: > 0), the expectation's weight in evaluation
+    thr_h,  # int32 threshold of the masks (_common.zoneout_threshold)
+    n_ln,  # number of phase-1 blocks (partials per row)
+    ln_bn,  # rows of G*H per phase-1 block
+    LD,  # row stride of lnb (G*H + 1)
+    ln_ts,  # step stride of lnb (B * LD, or 0 when one slot is reused)
     CELL: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -256,8 +302,17 @@ def _fwd_step_kernel(
     HAS_B_HN: tl.constexpr,
     HAS_LEN: tl.constexpr,
     STORE_WS: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
 ):
-    """One step for hidden units o_h of sequences o_b: h' into hs[s_out], y_t, (ws_t)."""
+    """One step for hidden units o_h of sequences o_b: h' into hs[s_out], y_t, (ws_t).
+
+    Recurrent dropout: h ⊙ mask meets W_hh (all three products of the GRU; its carry z ⊙ h
+    keeps h). Zoneout: h' = d ⊙ h + (1 - d) ⊙ h̃ after the cell's h̃. Layer norm (GRU): the
+    products come normalised from phase 1 (`_common._ln_rec_kernel`, which applied the dropout
+    mask): a_g = γ_g ⊙ û_g, and b_hn is added to the n block after the norm."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -273,45 +328,100 @@ def _fwd_step_kernel(
 
     # recurrent products a_g = (h W_g^T)^T, one tl.dot per gate block over h
     b_z0 = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
-    b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+    if HAS_LN:
+        b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, n_ln, ln_bn, ACC)
+        p_u = lnb + i_t * ln_ts + o_b[None, :] * LD + o_h[:, None]
+        b_a0 = _ln_gate(p_u, ln_hh + o_h, m_h, m_hb, b_mean, b_rstd)
+        b_az = _ln_gate(p_u + H, ln_hh + H + o_h, m_h, m_hb, b_mean, b_rstd)
+        b_an = _ln_gate(p_u + 2 * H, ln_hh + 2 * H + o_h, m_h, m_hb, b_mean, b_rstd)
+        if i_h == 0:
+            tl.store(lnb + i_t * ln_ts + o_b * LD + G * H, b_rstd, mask=m_b)
+    elif HAS_DROP:
+        b_a0 = _mm_tile_scaled(
+            b_z0, w_hh, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+        )
+    else:
+        b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
     b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0)
-    b_az, b_an = b_a0, b_a0  # the RNN has one gate block
+    if not HAS_LN:
+        b_az, b_an = b_a0, b_a0  # the RNN has one gate block
     if CELL == 0:
-        b_az = _mm_tile(
-            b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-        )
-        b_an = _mm_tile(
-            b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-        )
+        if HAS_LN:
+            pass
+        elif HAS_DROP:
+            b_az = _mm_tile_scaled(
+                b_z0, w_hh + H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+            b_an = _mm_tile_scaled(
+                b_z0, w_hh + 2 * H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+        else:
+            b_az = _mm_tile(
+                b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+            )
+            b_an = _mm_tile(
+                b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+            )
         if HAS_B_HN:
             b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_g0, b_gz, b_gn = _gru_load_gx(p_gx, m_hb, H, CELL, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    _gru_fwd_step(
-        b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out.to(tl.int64) * B * H + o_bh,
-        y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-        m_hb, H, CELL, ACC, STORE_WS,
-    )  # fmt: skip
+    p_hout = hs + s_out.to(tl.int64) * B * H + o_bh
+    o_ws = i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+    if ZONE_H:
+        b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
+        if STORE_WS:
+            if CELL == 0:
+                _gru_store_ws(ws + o_ws, b_r, b_z, b_n, b_an, m_hb, H)
+            else:  # the RNN's backward needs act'(h̃), which the zoned state no longer shows
+                tl.store(ws + i_t * B * H + o_bh, b_hnew, mask=m_hb)
+        b_hnew = _zone(b_h, b_hnew, rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
+        b_hnew = b_hnew.to(hs.dtype.element_ty)
+        tl.store(p_hout, tl.where(m_live, b_hnew, b_h), mask=m_hb)
+        tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+    else:
+        _gru_fwd_step(
+            b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, p_hout, y + i_t * B * H + o_bh, ws,
+            o_ws, m_hb, H, CELL, ACC, STORE_WS,
+        )  # fmt: skip
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        **_OPTION_HEURISTICS,
+    }
+)
 @triton.jit(do_not_specialize=["t", "t_next", "s_in", "s_out"])
 def _bwd_step_kernel(
     dy,  # (T, B, H) gradient of y
     hs,  # (T+1, B, H) states in time order (forward's)
-    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; None for the RNN
+    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; the RNN's (T, B, H) h̃ with zoneout, else None
     w_hh,  # (G*H, H) row-major
     lengths,  # (B,) int64 or None
     carry,  # (B, H) ACC, in place: the part of the gradient reaching h' that skips W_hh
     dgx,  # (T, B, G*H) out: dgx_t; step t_next (previous launch) is read for dgh W_hh
     dhn,  # (T, B, H) out, GRU: n block of dgh (r ⊙ dn_pre); None for the RNN
     dh0,  # (B, H) out when not HAS_STEP: the gradient reaching the state before t_next
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, H) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm)
+    lnb,  # (T, B, LD) ACC, layer norm: forward's û (columns [0, G*H)) and rstd (column G*H)
+    pb,  # (2, n_programs(0), B, 2) ACC, layer norm: per program, the row sums of γ dgh and
+    #      γ dgh û of its units; two slots by step parity (a launch reads t_next's, writes t's)
     t,  # step (HAS_STEP)
     t_next,  # step processed by the previous launch (HAS_NEXT)
     s_in,  # hs slot of h_{t-1}
     s_out,  # hs slot of h'
     B,
     H,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability
+    thr_h,  # int32 threshold of the masks
+    LD,  # row stride of lnb (G*H + 1)
     CELL: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -321,8 +431,18 @@ def _bwd_step_kernel(
     HAS_NEXT: tl.constexpr,
     HAS_STEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
 ):
-    """dh for units o_h of sequences o_b, then (HAS_STEP) step t's dgx, dhn and carry."""
+    """dh for units o_h of sequences o_b, then (HAS_STEP) step t's dgx, dhn and carry.
+
+    Recurrent dropout: the W_hh part of dh is multiplied by the mask. Zoneout: the gradient of
+    h' splits into (1 - d) ⊙ it, the cell's, and d ⊙ it, added to carry. Layer norm (GRU): the
+    product runs over du_{t_next} = LN_hh'(dgh_{t_next}), formed chunk by chunk
+    (`_common._mm_tile_ln`) from the row sums the previous launch left in pb; this launch
+    leaves those of step t."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -338,29 +458,93 @@ def _bwd_step_kernel(
         # dgh^T, per gate block; the GRU's n block of dgh is dhn, not dgx_n
         i_n = t_next.to(tl.int64)
         p_dg = dgx + i_n * B * G * H
-        b_dh = _mm_tile(b_dh, w_hh, p_dg, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
-        if CELL == 0:
-            b_dh = _mm_tile(
-                b_dh, w_hh + H * H, p_dg + H, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
+        b_rec = b_dh
+        if HAS_DROP or HAS_LN:
+            b_rec = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
+        if HAS_LN:  # the GRU's
+            b_s1, b_s2 = _ln_sums(
+                pb + (t_next % 2) * tl.num_programs(0) * B * 2, o_b, m_b, B, tl.num_programs(0),
+                ACC,
+            )  # fmt: skip
+            p_xh = lnb + i_n * B * LD
+            b_rstd = tl.load(p_xh + o_b * LD + G * H, mask=m_b, other=0.0)
+            b_s1, b_s2 = b_s1 / (G * H), b_s2 / (G * H)
+            b_rec = _mm_tile_ln(
+                b_rec, w_hh, p_dg, p_xh, ln_hh, 1, H, G * H, LD, o_h, m_h, o_b, m_b, H, b_rstd,
+                b_s1, b_s2, DOT_PREC, BLOCK_K,
+            )  # fmt: skip
+            b_rec = _mm_tile_ln(
+                b_rec, w_hh + H * H, p_dg + H, p_xh + H, ln_hh + H, 1, H, G * H, LD, o_h, m_h,
+                o_b, m_b, H, b_rstd, b_s1, b_s2, DOT_PREC, BLOCK_K,
+            )  # fmt: skip
+            b_rec = _mm_tile_ln(
+                b_rec, w_hh + 2 * H * H, dhn + i_n * B * H, p_xh + 2 * H, ln_hh + 2 * H, 1, H, H,
+                LD, o_h, m_h, o_b, m_b, H, b_rstd, b_s1, b_s2, DOT_PREC, BLOCK_K,
+            )  # fmt: skip
+        else:
+            b_rec = _mm_tile(
+                b_rec, w_hh, p_dg, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
             )
-            b_dh = _mm_tile(
-                b_dh, w_hh + 2 * H * H, dhn + i_n * B * H, 1, H, H, o_h, m_h, o_b, m_b, H,
+        if CELL == 0 and not HAS_LN:
+            b_rec = _mm_tile(
+                b_rec, w_hh + H * H, p_dg + H, 1, H, G * H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                BLOCK_K,
+            )  # fmt: skip
+            b_rec = _mm_tile(
+                b_rec, w_hh + 2 * H * H, dhn + i_n * B * H, 1, H, H, o_h, m_h, o_b, m_b, H,
                 DOT_PREC, BLOCK_K,
             )  # fmt: skip
+        if HAS_DROP:
+            b_rec *= tl.load(drop + o_bh, mask=m_hb, other=0.0)
+        if HAS_DROP or HAS_LN:
+            b_dh += b_rec
+        else:
+            b_dh = b_rec
 
     if HAS_STEP:
         i_t = t.to(tl.int64)
         m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
         b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+        p_hnew = hs + s_out.to(tl.int64) * B * H + o_bh
+        if ZONE_H and CELL != 0:
+            p_hnew = ws + i_t * B * H + o_bh  # the RNN's h̃ (hs holds the zoned state)
         b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
             ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-            hs + s_in.to(tl.int64) * B * H + o_bh, hs + s_out.to(tl.int64) * B * H + o_bh,
-            m_hb, H, CELL, ACC,
+            hs + s_in.to(tl.int64) * B * H + o_bh, p_hnew, m_hb, H, CELL, ACC,
         )  # fmt: skip
-        b_carry = _gru_bwd_step(
-            b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
-            i_t * B * H + o_bh, m_hb, H, CELL,
-        )  # fmt: skip
+        if ZONE_H or HAS_LN:
+            b_tot = b_dh + tl.where(m_live, b_dy, 0.0)
+            b_cell = b_tot
+            if ZONE_H:
+                b_d = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG, ACC)
+                b_cell = (1.0 - b_d) * b_tot
+            b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
+                b_cell, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+            )
+            _gru_store_dgx(
+                dgx + i_t * B * G * H + o_bg, dhn, i_t * B * H + o_bh, b_d0, b_dz, b_dn, b_dhn,
+                m_hb, H, CELL,
+            )  # fmt: skip
+            if ZONE_H:
+                b_carry = tl.where(m_live, b_carry + b_d * b_tot, b_dh)
+            if HAS_LN:  # this program's row sums of γ dgh and γ dgh û, for the next launch
+                p_xh = lnb + i_t * B * LD + o_b[None, :] * LD + o_h[:, None]
+                b_v0 = tl.load(ln_hh + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_d0
+                b_vz = tl.load(ln_hh + H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dz
+                b_vn = tl.load(ln_hh + 2 * H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dhn
+                b_p1 = tl.where(m_hb, b_v0 + b_vz + b_vn, 0.0)
+                b_p2 = b_v0 * tl.load(p_xh, mask=m_hb, other=0.0)
+                b_p2 += b_vz * tl.load(p_xh + H, mask=m_hb, other=0.0)
+                b_p2 += b_vn * tl.load(p_xh + 2 * H, mask=m_hb, other=0.0)
+                b_p2 = tl.where(m_hb, b_p2, 0.0)
+                p_pb = pb + ((t % 2) * tl.num_programs(0) * B + i_h * B + o_b) * 2
+                tl.store(p_pb, tl.sum(b_p1, axis=0), mask=m_b)
+                tl.store(p_pb + 1, tl.sum(b_p2, axis=0), mask=m_b)
+        else:
+            b_carry = _gru_bwd_step(
+                b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
+                i_t * B * H + o_bh, m_hb, H, CELL,
+            )  # fmt: skip
         tl.store(carry + o_bh, b_carry, mask=m_hb)
     else:
         tl.store(dh0 + o_bh, b_dh.to(dh0.dtype.element_ty), mask=m_hb)
@@ -586,11 +770,50 @@ def _persistent_tiles(B: int, H: int, cell: int, x, backward: bool):
     return persistent_tile_choices(H, B, G=G, elt=x.element_size(), backward=backward, props=props)
 
 
-def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=False):
-    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None.
+def _has_options(rng, zoneout, drop, ln_hh) -> bool:
+    """Whether a call uses zoneout, recurrent dropout or layer norm."""
+    return rng is not None or zoneout > 0 or drop is not None or ln_hh is not None
 
+
+def _option_args(rng, zoneout, stream, drop) -> dict:
+    """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout."""
+    z = float(zoneout)
+    return dict(rng=rng, drop=drop, z_stream=int(stream), z_h=z, thr_h=zoneout_threshold(z))
+
+
+def _ln_phase1(hs, w_hh, drop, lnb, B, N, R, LD, ts, dt, acc):
+    """The lean launch of layer norm's phase 1 (`_common._ln_rec_kernel`) over a loop, and
+    (number of blocks of rows, rows per block, the (n_blocks, B, 2) partials buffer)."""
+    BLOCK_B = block_b(B)
+    n_b = triton.cdiv(B, BLOCK_B)
+    BLOCK_N = block_h(N, n_b)
+    grid = (triton.cdiv(N, BLOCK_N), n_b)
+    part = torch.empty((grid[0], B, 2), dtype=acc, device=hs.device)
+    rec = step_launcher(
+        _ln_rec_kernel, grid, ("t", "s_in"), hs=hs, w_hh=w_hh, drop=drop, lnb=lnb, part=part,
+        B=B, N=N, R=R, LD=LD, TS=ts, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt),
+        BLOCK_N=BLOCK_N, BLOCK_B=BLOCK_B, BLOCK_K=block_k(R), num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return rec, grid[0], BLOCK_N, part
+
+
+_NO_LN = dict(ln_hh=None, lnb=None, part=None, n_ln=0, ln_bn=0, LD=0, ln_ts=0)
+
+
+def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout=0.0, stream=0,
+            drop=None, ln_hh=None, *, persistent=False):  # fmt: skip
+    """Runs the time loop. Returns y (T, B, H), hs (T+1, B, H), ws (T, B, 4H) or None (the
+    RNN with zoneout and `store`: (T, B, H), its unzoned h̃), and with layer norm a fourth
+    element aux (T, B, 3H + 1) [û | rstd] (None without `store`).
+
+    Options (stepwise kernels only): zoneout of h (masks from `rng` (2,) int64 in training, the
+    expectation without it) in layer-direction `stream`, recurrent dropout's (B, H) mask `drop`
+    in the accumulation dtype, layer norm of the GRU's recurrent product with gains `ln_hh`
+    (two launches per step: `_common._ln_rec_kernel`, then the step kernel).
     persistent=True: one persistent launch when it can run safely, else one launch per step.
     """
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
     T, B, GH = gx.shape
     H = h0.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
@@ -598,6 +821,8 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
     hs = new_output((T + 1, B, H), dt, gx.device)
     hs[T if reverse else 0].copy_(h0)
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
+    if store and cell != CELL_GRU and zoneout > 0:
+        ws = new_output((T, B, H), acc, gx.device)
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     if persistent:
         tiles = _persistent_tiles(B, H, cell, gx, backward=False)
@@ -607,23 +832,42 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, *, persistent=Fal
             **kw,
         ):  # fmt: skip
             return y, hs, ws
+    ln, rec, lnb = _NO_LN, None, None
+    if ln_hh is not None:
+        N, LD = GH, GH + 1
+        lnb = new_output((T if store else 1, B, LD), acc, gx.device)
+        ts = B * LD if store else 0  # without a backward one slot serves every step
+        rec, n_ln, ln_bn, part = _ln_phase1(hs, w_hh, drop, lnb, B, N, H, LD, ts, dt, acc)
+        ln = dict(ln_hh=ln_hh, lnb=lnb, part=part, n_ln=n_ln, ln_bn=ln_bn, LD=LD, ln_ts=ts)
     grid, meta, warps = _tiles(B, H)
     step = step_launcher(
         _fwd_step_kernel, grid, ("t", "s_in", "s_out"), gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn,
         lengths=lengths, y=y, ws=ws, B=B, H=H, **kw, **meta, num_warps=warps,
+        **_option_args(rng, zoneout, stream, drop), **ln,
     )  # fmt: skip
     d = int(reverse)  # _slots(t, reverse) == (t + d, t + 1 - d), inlined in this hot loop
     for t in range(T - 1, -1, -1) if reverse else range(T):
+        if rec is not None:
+            rec(t, t + d)
         step(t, t + d, t + 1 - d)
-    return y, hs, ws
+    if ln_hh is None:
+        return y, hs, ws
+    return y, hs, ws, lnb if store else None
 
 
-def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=False):
-    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so).
+def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=None,
+            zoneout=0.0, stream=0, drop=None, ln_hh=None, *, persistent=False):  # fmt: skip
+    """The reverse loop. Returns dgx, dh0, dw_hh, db_hn (None where `needs` says so), and
+    dln_hh when `needs` has its fifth flag.
 
-    persistent=True: one persistent launch when it can run safely, else one launch per step.
+    The options as `gru_fwd`'s (the same rng, stream and mask: the zoneout masks are drawn
+    again, not stored). persistent=True: one persistent launch when it can run safely, else one
+    launch per step.
     """
-    need_gx, need_h0, need_whh, need_bhn = needs
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
+    extra = (None,) * (len(needs) - 4)
+    need_gx, need_h0, need_whh, need_bhn = needs[:4]
     T, B, H = dy.shape
     G = 3 if cell == CELL_GRU else 1
     dt, acc = dy.dtype, acc_dtype(dy.dtype)
@@ -651,9 +895,14 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
         dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
         dh0 = new_output((B, H), dt, dy.device) if need_h0 else None
         grid, meta, warps = _tiles(B, H)
+        ln = dict(ln_hh=None, lnb=None, pb=None, LD=0)
+        if ln_hh is not None:
+            pb = torch.empty((2, grid[0], B, 2), dtype=acc, device=dy.device)
+            ln = dict(ln_hh=ln_hh, lnb=aux, pb=pb, LD=G * H + 1)
         common = dict(
             dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dhn=dhn,
             dh0=dh0, B=B, H=H, **kw, **meta, num_warps=warps,
+            **_option_args(rng, zoneout, stream, drop), **ln,
         )  # fmt: skip
         # the first step processed has no later step to take dh from: its own variant
         t_next = 0 if reverse else T - 1
@@ -674,8 +923,12 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
                 t=0, t_next=t_next, s_in=0, s_out=0, HAS_NEXT=True, HAS_STEP=False, **common
             )
     dw_hh = db_hn = None
+    if ln_hh is not None:
+        return _gru_bwd_ln_weights(dgx, dh0, dhn, hs, aux, w_hh, ln_hh, drop, reverse, needs)
     if need_whh:
         h_prev = (hs[1:] if reverse else hs[:-1]).reshape(T * B, H)
+        if drop is not None:  # W_hh met h ⊙ mask
+            h_prev = (h_prev.view(T, B, H).to(acc) * drop).to(dt).reshape(T * B, H)
         dw_hh = torch.empty_like(w_hh)
         if cell == CELL_GRU:
             torch.mm(dgx[..., : 2 * H].reshape(T * B, 2 * H).t(), h_prev, out=dw_hh[: 2 * H])
@@ -684,4 +937,30 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, *, persistent=
             torch.mm(dgx.reshape(T * B, H).t(), h_prev, out=dw_hh)
     if need_bhn:
         db_hn = dhn.sum((0, 1), dtype=acc).to(dt)
-    return (dgx if need_gx else None), dh0, dw_hh, db_hn
+    return ((dgx if need_gx else None), dh0, dw_hh, db_hn) + extra
+
+
+def _gru_bwd_ln_weights(dgx, dh0, dhn, hs, aux, w_hh, ln_hh, drop, reverse, needs):
+    """The GRU's weight gradients with layer norm, after the reverse loop: dgh = [dr | dz | dhn]
+    is the gradient of LN_hh's output, du = rstd (γ dgh - mean(γ dgh) - û mean(γ dgh û)) that of
+    the product, dW_hh = Σ_t du^T (h ⊙ mask), dγ = Σ dgh ⊙ û, db_hn = Σ dhn."""
+    T, B, GH = dgx.shape
+    H = GH // 3
+    dt, acc = dgx.dtype, aux.dtype
+    need_gx, need_h0, need_whh, need_bhn = needs[:4]
+    dgh = torch.cat([dgx[..., : 2 * H], dhn], -1).to(acc)
+    u_hat, rstd = aux[..., :GH], aux[..., GH:]
+    dw_hh = db_hn = dln = None
+    if need_whh:
+        dv = dgh * ln_hh.to(acc)
+        du = rstd * (dv - dv.mean(-1, keepdim=True) - u_hat * (dv * u_hat).mean(-1, keepdim=True))
+        h_prev = (hs[1:] if reverse else hs[:-1]).to(acc)
+        if drop is not None:
+            h_prev = h_prev * drop
+        dw_hh = (du.reshape(T * B, GH).t() @ h_prev.reshape(T * B, H)).to(dt)
+    if need_bhn:
+        db_hn = dgh[..., 2 * H :].sum((0, 1)).to(dt)
+    if len(needs) > 4 and needs[4]:
+        dln = (dgh * u_hat).sum((0, 1)).to(dt)
+    grads = ((dgx if need_gx else None), dh0, dw_hh, db_hn, dln)
+    return grads[: max(len(needs), 4)]

@@ -65,6 +65,30 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
            products of gates lose accuracy in bf16.
     ms     (T, B, H) input dtype, proj only: m = o ⊙ tanh(c') as fed to the projection.
 Gates are only written when a gradient is needed.
+
+Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+    zoneout     c_t = d_c ⊙ c_{t-1} + (1 - d_c) ⊙ c̃_t and h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙ h̃_t,
+                h̃ formed from the candidate c̃ (Krueger et al. 2016); d the 0/1 masks of
+                _common._zoneout_keep (Philox, drawn again in backward) in training, the
+                probability in evaluation; y_t = h_t; cs and hs hold the zoned states. With a
+                projection h is zoned in the projection's kernel. Backward splits the gradient of
+                a zoned state into (1 - d) ⊙ it, for the cell, and d ⊙ it, which reaches the
+                previous state directly (dh keeps it from one launch to the next, dc adds it);
+                c̃ = f c + i g is recomputed from the gates.
+    recurrent dropout   (h ⊙ m) W_hh^T with one mask m (B, R) of 0 and 1/(1-p) per sequence
+                (Gal & Ghahramani 2016): backward multiplies the W_hh part of dh by m, and
+                dW_hh pairs da with h ⊙ m.
+    layer norm  a = gx + γ_hh ⊙ û, û = LN(h W_hh^T) over the row's G*H values, and
+                h̃ = o ⊙ tanh(γ_c ⊙ LN(c̃) + β_c) (Ba, Kiros & Hinton 2016); why and how a row's
+                statistics are reduced across programs: kernels/_common.py, "layer norm".
+                Forward: phase 1 `_common._ln_rec_kernel`, the cell kernel (which leaves c̃, o
+                and partial statistics of c̃), `_lstm_fwd_ln_out_kernel` (h, or m for the
+                projection). aux (T, B, G*H + 3) fp32: û | rstd | mean_c | rstd_c. Backward:
+                `_lstm_bwd_ln_out_kernel` (dm -> da_o and dq, the gradient of LN_c's output,
+                with row sums), then the cell kernel (LN_c'(dq) into dc̃, row sums of γ_hh da);
+                the next step's product runs over LN_hh'(da), formed inside it (`_dh_from_next`).
+Launches per step: forward 1 (+1 with a projection, +2 with layer norm), backward 1 (+1 with a
+projection, +1 with layer norm).
 """
 
 from __future__ import annotations
@@ -80,10 +104,17 @@ from ._common import (
     _grid_barrier,
     _k_tiles,
     _live,
+    _ln_gate,
+    _ln_rec_kernel,
+    _ln_stats,
+    _ln_sums,
     _mm_tile,
+    _mm_tile_ln,
     _sigmoid,
     _split_gates,
     _tanh,
+    _zone,
+    _zoneout_factor,
     acc_dtype,
     block_b,
     block_h,
@@ -95,6 +126,7 @@ from ._common import (
     new_output,
     num_warps,
     persistent_tile_choices,
+    zoneout_threshold,
 )
 from ._launch import step_launcher
 
@@ -236,8 +268,9 @@ def _lstm_bwd_step(p_da, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, 
 def _dh_from_next(
     dgx,  # (T, B, G*H) da of every step; step t_next is complete (previous launch)
     w_hh,  # (G*H, R)
-    dh,  # (B, R) ACC: the gradient reaching the state after step t_next
+    dh,  # (B, R) ACC: the gradient reaching the state after step t_next (CARRY: see below)
     lengths,  # (B,) int64 or None
+    drop,  # (B, R) ACC or None: recurrent dropout's mask (HAS_DROP)
     t_next,
     o_r,
     m_r,
@@ -252,21 +285,59 @@ def _dh_from_next(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_DROP: tl.constexpr = False,
+    CARRY: tl.constexpr = False,
+    ln_hh=None,  # (G*H,) LN_hh's gains (HAS_LN)
+    aux=None,  # (T, B, LD) ACC (HAS_LN): û of every step in columns [0, G*H), rstd at G*H
+    pb=None,  # (n_pb, B, 2) ACC (HAS_LN): per-program row sums of γ da and γ da û of t_next
+    n_pb=0,
+    LD=0,
+    HAS_LN: tl.constexpr = False,
 ):
     """(BLOCK_R, BLOCK_B) gradient reaching the state entering step t_next, columns o_r.
 
-    da_{t_next} W_hh[:, o_r] where t_next was live, else dh passed through unchanged.
+    da_{t_next} W_hh[:, o_r] (⊙ the dropout mask) where t_next was live, else dh passed through
+    unchanged. CARRY (zoneout of h): dh holds what step t_next passed to h_{t-1} past its cell
+    (d ⊙ dh, or dh itself where t_next was dead), added to the product where t_next was live.
+    HAS_LN: da is the gradient of LN_hh's output: the product runs over du = LN_hh'(da), formed
+    chunk by chunk (`_common._mm_tile_ln`).
     """
     # W_hh^T (rows o_r = columns of W_hh) times da^T, over G*H
-    b_acc = _mm_tile(
-        tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC), w_hh, dgx + t_next.to(tl.int64) * B * GH, 1, R,
-        GH, o_r, m_r, o_b, m_b, GH, DOT_PREC, BLOCK_K,
-    )  # fmt: skip
-    if HAS_LEN:
+    p_da = dgx + t_next.to(tl.int64) * B * GH
+    if HAS_LN:
+        b_s1, b_s2 = _ln_sums(pb, o_b, m_b, B, n_pb, ACC)
+        p_xh = aux + t_next.to(tl.int64) * B * LD
+        b_rstd = tl.load(p_xh + o_b * LD + GH, mask=m_b, other=0.0)
+        b_acc = _mm_tile_ln(
+            tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC), w_hh, p_da, p_xh, ln_hh, 1, R, GH, LD, o_r,
+            m_r, o_b, m_b, GH, b_rstd, b_s1 / GH, b_s2 / GH, DOT_PREC, BLOCK_K,
+        )  # fmt: skip
+    else:
+        b_acc = _mm_tile(
+            tl.zeros([BLOCK_R, BLOCK_B], dtype=ACC), w_hh, p_da, 1, R, GH, o_r, m_r, o_b, m_b,
+            GH, DOT_PREC, BLOCK_K,
+        )  # fmt: skip
+    o_rb = o_b[None, :] * R + o_r[:, None]
+    m_rb = m_r[:, None] & m_b[None, :]
+    if HAS_DROP:
+        b_acc *= tl.load(drop + o_rb, mask=m_rb, other=0.0)
+    if CARRY:
+        b_old = tl.load(dh + o_rb, mask=m_rb, other=0.0)
         m_live = _live(lengths, t_next, o_b, m_b, HAS_LEN)
-        b_old = tl.load(dh + o_b[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_b[None, :])
+        b_acc = tl.where(m_live, b_acc, 0.0) + b_old
+    elif HAS_LEN:
+        m_live = _live(lengths, t_next, o_b, m_b, HAS_LEN)
+        b_old = tl.load(dh + o_rb, mask=m_rb)
         b_acc = tl.where(m_live, b_acc, b_old)
     return b_acc
+
+
+_OPTION_HEURISTICS = {
+    "HAS_RNG": lambda a: a["rng"] is not None,
+    "HAS_DROP": lambda a: a["drop"] is not None,
+    "ZONE_C": lambda a: a["z_c"] > 0,
+    "ZONE_H": lambda a: a["z_h"] > 0,
+}
 
 
 @triton.heuristics(
@@ -275,6 +346,9 @@ def _dh_from_next(
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["ms"] is not None,
         "STORE_GATES": lambda a: a["gates"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        "HAS_LNC": lambda a: a["co"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t"])
@@ -288,10 +362,26 @@ def _lstm_fwd_cell_kernel(
     w_hh,  # (G*H, R) input dtype
     w_ch,  # (3*H,) (i, f, o), or (2*H,) (f, o) when coupled, input dtype, or None
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, R) ACC: recurrent dropout's mask on h where it meets W_hh, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm; its bias is in gx)
+    lnb,  # (T or 1, B, LD) ACC, layer norm: u of the step (phase 1) -> û in place, rstd at G*H
+    part,  # (n_ln, B, 2) ACC, layer norm: phase 1's partial statistics
+    co,  # (B, 2H) ACC or None, LN_c: c̃ and o of the step, for `_lstm_fwd_ln_out_kernel`
+    part_c,  # (n_programs(0), B, 2) ACC, LN_c: each program's mean and M2 of its c̃ per row
     t,  # time index of this step
     B,
     H,
     R,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_c,  # zoneout probability of c (ZONE_C: > 0), the expectation's weight in evaluation
+    z_h,  # zoneout probability of h (without projection; with one the proj kernel zones h)
+    thr_c,  # int32 threshold of c's masks (_common.zoneout_threshold)
+    thr_h,
+    n_ln,  # number of phase-1 blocks (partials per row)
+    ln_bn,  # rows of G*H per phase-1 block
+    LD,  # row stride of lnb (G*H + 3)
+    ln_ts,  # step stride of lnb (B * LD, or 0 when one slot is reused)
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -304,7 +394,20 @@ def _lstm_fwd_cell_kernel(
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     STORE_GATES: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_LNC: tl.constexpr,
 ):
+    """One step for units o_h of rows o_b: the gates, c' and (without LN_c) h' and y_t.
+
+    Layer norm: the recurrent products come from phase 1 (`_common._ln_rec_kernel`, which
+    applied the dropout mask), normalised here, a = gx + γ ⊙ û. LN_c: h needs the statistics of
+    c̃ over all H units, a reduction across programs: this kernel leaves c̃, o and its partial
+    statistics, and `_lstm_fwd_ln_out_kernel` forms h (module docstring of kernels/_common.py).
+    """
     GI: tl.constexpr = 0  # gate row blocks (GI unused when coupled)
     GF: tl.constexpr = 0 if COUPLED else 1
     GG: tl.constexpr = GF + 1
@@ -325,23 +428,42 @@ def _lstm_fwd_cell_kernel(
     b_af = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
     b_ag = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
     b_ao = tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC)
-    for k in range(0, R, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < R
-        b_ht = tl.load(
-            p_h + o_b[None, :] * R + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-        )
-        p_w = w_hh + o_h[:, None] * R + o_k[None, :]
-        m_w = m_h[:, None] & m_k[None, :]
+    if HAS_LN:
+        m_hb0 = m_h[:, None] & m_b[None, :]
+        b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, n_ln, ln_bn, ACC)
+        p_u = lnb + t64 * ln_ts + o_b[None, :] * LD + o_h[:, None]
         if not COUPLED:
-            b_w = tl.load(p_w + GI * H * R, mask=m_w, other=0.0)
-            b_ai = _dot(b_w, b_ht, b_ai, DOT_PREC)
-        b_w = tl.load(p_w + GF * H * R, mask=m_w, other=0.0)
-        b_af = _dot(b_w, b_ht, b_af, DOT_PREC)
-        b_w = tl.load(p_w + GG * H * R, mask=m_w, other=0.0)
-        b_ag = _dot(b_w, b_ht, b_ag, DOT_PREC)
-        b_w = tl.load(p_w + GO * H * R, mask=m_w, other=0.0)
-        b_ao = _dot(b_w, b_ht, b_ao, DOT_PREC)
+            b_ai = _ln_gate(p_u + GI * H, ln_hh + GI * H + o_h, m_h, m_hb0, b_mean, b_rstd)
+        b_af = _ln_gate(p_u + GF * H, ln_hh + GF * H + o_h, m_h, m_hb0, b_mean, b_rstd)
+        b_ag = _ln_gate(p_u + GG * H, ln_hh + GG * H + o_h, m_h, m_hb0, b_mean, b_rstd)
+        b_ao = _ln_gate(p_u + GO * H, ln_hh + GO * H + o_h, m_h, m_hb0, b_mean, b_rstd)
+        if i_h == 0:
+            tl.store(lnb + t64 * ln_ts + o_b * LD + G * H, b_rstd, mask=m_b)
+    else:  # the product over R here (with layer norm, phase 1 made it)
+        for k in range(0, R, BLOCK_K):
+            o_k = k + tl.arange(0, BLOCK_K)
+            m_k = o_k < R
+            b_ht = tl.load(
+                p_h + o_b[None, :] * R + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
+            )
+            if HAS_DROP:
+                b_s = tl.load(
+                    drop + o_b[None, :] * R + o_k[:, None],
+                    mask=m_k[:, None] & m_b[None, :],
+                    other=0.0,
+                )
+                b_ht = (b_ht.to(ACC) * b_s).to(b_ht.dtype)
+            p_w = w_hh + o_h[:, None] * R + o_k[None, :]
+            m_w = m_h[:, None] & m_k[None, :]
+            if not COUPLED:
+                b_w = tl.load(p_w + GI * H * R, mask=m_w, other=0.0)
+                b_ai = _dot(b_w, b_ht, b_ai, DOT_PREC)
+            b_w = tl.load(p_w + GF * H * R, mask=m_w, other=0.0)
+            b_af = _dot(b_w, b_ht, b_af, DOT_PREC)
+            b_w = tl.load(p_w + GG * H * R, mask=m_w, other=0.0)
+            b_ag = _dot(b_w, b_ht, b_ag, DOT_PREC)
+            b_w = tl.load(p_w + GO * H * R, mask=m_w, other=0.0)
+            b_ao = _dot(b_w, b_ht, b_ao, DOT_PREC)
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]  # gate 0 of (T, B, G*H)
     o_c = o_b[None, :] * H + o_h[:, None]  # within one (B, H) slice
@@ -354,20 +476,114 @@ def _lstm_fwd_cell_kernel(
     )  # fmt: skip
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+    if HAS_LNC:  # h needs LN_c's statistics: leave c̃, o and this program's part of them
+        tl.store(co + o_c + o_b[None, :] * H, b_c, mask=m_hb)
+        tl.store(co + o_c + o_b[None, :] * H + H, b_o, mask=m_hb)
+        n_p = tl.minimum(H - i_h * BLOCK_H, BLOCK_H).to(ACC)
+        b_cm = tl.sum(tl.where(m_hb, b_c, 0.0), axis=0) / n_p
+        b_cd = tl.where(m_hb, b_c - b_cm[None, :], 0.0)
+        p_pc = part_c + (i_h * B + o_b) * 2
+        tl.store(p_pc, b_cm, mask=m_b)
+        tl.store(p_pc + 1, tl.sum(b_cd * b_cd, axis=0), mask=m_b)
+    if ZONE_C:  # b_c is the candidate c̃: the output above and backward use it, the state not
+        b_c = _zone(b_cp, b_c, rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
     tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
     if STORE_GATES:
         _store_gate_blocks(gates + o_gx, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
-    if HAS_PROJ:
-        # _lstm_fwd_proj_kernel applies the lengths to h and y
+    if HAS_LNC:
+        pass
+    elif HAS_PROJ:
+        # _lstm_fwd_proj_kernel applies the lengths (and zoneout) to h and y
         tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
     else:
-        b_m = b_m.to(hs.dtype.element_ty)
         b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb)  # R == H here
+        if ZONE_H:
+            b_m = _zone(b_hp, b_m, rng, t, z_stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG)
+        b_m = b_m.to(hs.dtype.element_ty)
         tl.store(hs + s_out * B * R + o_c, tl.where(m_live, b_m, b_hp), mask=m_hb)
         tl.store(y + t64 * B * R + o_c, tl.where(m_live, b_m, 0.0), mask=m_hb)
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_RNG": lambda a: a["rng"] is not None,
+        "ZONE_H": lambda a: a["z_h"] > 0,
+        "HAS_PROJ": lambda a: a["ms"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t"])
+def _lstm_fwd_ln_out_kernel(
+    co,  # (B, 2H) ACC: c̃ and o of the step (the cell kernel's)
+    part_c,  # (n_pc, B, 2) ACC: the cell kernel's per-program mean and M2 of c̃
+    ln_c_w,  # (H,) input dtype: LN_c's gain
+    ln_c_b,  # (H,) input dtype: LN_c's bias
+    lnb,  # (T or 1, B, LD) ACC: writes LN_c's mean and rstd at columns G*H + 1, G*H + 2
+    hs,  # (T+1, B, R) input dtype: states in time order (without projection)
+    y,  # (T, B, R) input dtype (without projection)
+    ms,  # (T, B, H) input dtype or None: m, with projection (the proj kernel forms h)
+    lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    t,  # time index of this step
+    B,
+    H,
+    GH,  # G*H
+    n_pc,  # programs along H of the cell kernel (partials per row)
+    LD,  # row stride of lnb
+    ln_ts,  # step stride of lnb (B * LD, or 0)
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability of h (without projection)
+    thr_h,  # int32 threshold of h's masks
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+):
+    """The LSTM's output with LN_c, m = o ⊙ tanh(LN_c(c̃)), for units o_h of rows o_b: the
+    statistics of c̃ over the H units merged from the cell kernel's partials; then h' (zoneout,
+    lengths) and y_t, or m for the projection."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    t64 = t.to(tl.int64)
+    b_mean, b_rstd = _ln_stats(part_c, o_b, m_b, B, H, n_pc, BLOCK_H, ACC)
+    if i_h == 0:
+        p_st = lnb + t64 * ln_ts + o_b * LD + GH
+        tl.store(p_st + 1, b_mean, mask=m_b)
+        tl.store(p_st + 2, b_rstd, mask=m_b)
+    o_c = o_b[None, :] * H + o_h[:, None]
+    b_c = tl.load(co + o_c + o_b[None, :] * H, mask=m_hb, other=0.0)
+    b_o = tl.load(co + o_c + o_b[None, :] * H + H, mask=m_hb, other=0.0)
+    b_gw = tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    b_gb = tl.load(ln_c_b + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    b_m = b_o * _tanh((b_c - b_mean[None, :]) * b_rstd[None, :] * b_gw + b_gb)
+    if HAS_PROJ:
+        tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
+    else:
+        s_in = t64 + 1 if REVERSE else t64
+        s_out = t64 if REVERSE else t64 + 1
+        m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+        b_hp = tl.load(hs + s_in * B * H + o_c, mask=m_hb)  # R == H here
+        if ZONE_H:
+            b_m = _zone(b_hp, b_m, rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
+        b_m = b_m.to(hs.dtype.element_ty)
+        tl.store(hs + s_out * B * H + o_c, tl.where(m_live, b_m, b_hp), mask=m_hb)
+        tl.store(y + t64 * B * H + o_c, tl.where(m_live, b_m, 0.0), mask=m_hb)
+
+
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_RNG": lambda a: a["rng"] is not None,
+        "ZONE_H": lambda a: a["z_h"] > 0,
+    }
+)
 @triton.jit(do_not_specialize=["t"])
 def _lstm_fwd_proj_kernel(
     ms,  # (T, B, H) input dtype: m = o * tanh(c) of every step
@@ -375,10 +591,14 @@ def _lstm_fwd_proj_kernel(
     hs,  # (T+1, B, P) input dtype: states in time order; writes the one leaving t
     y,  # (T, B, P) input dtype
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
     t,  # time index of this step
     B,
     H,
     P,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability of h
+    thr_h,  # int32 threshold of h's masks
     REVERSE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -386,6 +606,8 @@ def _lstm_fwd_proj_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    ZONE_H: tl.constexpr,
 ):
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -405,13 +627,23 @@ def _lstm_fwd_proj_kernel(
 
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
     o_h = o_b[None, :] * P + o_p[:, None]
-    b_h = b_acc.to(hs.dtype.element_ty)
     b_hp = tl.load(hs + s_in * B * P + o_h, mask=m_pb)
+    if ZONE_H:
+        b_acc = _zone(b_hp, b_acc, rng, t, z_stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG)
+    b_h = b_acc.to(hs.dtype.element_ty)
     tl.store(hs + s_out * B * P + o_h, tl.where(m_live, b_h, b_hp), mask=m_pb)
     tl.store(y + t64 * B * P + o_h, tl.where(m_live, b_h, 0.0), mask=m_pb)
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_RNG": lambda a: a["rng"] is not None,
+        "HAS_DROP": lambda a: a["drop"] is not None,
+        "ZONE_H": lambda a: a["z_h"] > 0,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+    }
+)
 @triton.jit(do_not_specialize=["t"])
 def _lstm_bwd_dh_kernel(
     dgx,  # (T, B, G*H) input dtype: da; step t_next (previous launch) is read
@@ -420,10 +652,20 @@ def _lstm_bwd_dh_kernel(
     dy,  # (T, B, P) input dtype
     dhs,  # (T, B, P) input dtype, out: total gradient of h_t (dy_t + recurrent), 0 when dead
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, P) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm)
+    aux,  # (T, B, LD) ACC, layer norm: forward's û and rstd
+    pb,  # (n_pb, B, 2) ACC, layer norm: the cell kernel's row sums of γ da, γ da û of t_next
     t,  # time index of this step
     B,
     GH,
     P,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability of h
+    thr_h,  # int32 threshold of h's masks
+    n_pb,  # programs along H of the cell kernel (partials per row)
+    LD,  # row stride of aux
     REVERSE: tl.constexpr,
     USE_NEXT: tl.constexpr,  # False on the first backward step: dh holds dh_T
     ACC: tl.constexpr,
@@ -432,8 +674,15 @@ def _lstm_bwd_dh_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
 ):
-    """With proj_size: the recurrent dh over the P columns, before the cell backward."""
+    """With proj_size: the recurrent dh over the P columns, before the cell backward.
+
+    With zoneout of h, dhs_t is the gradient of the cell's h̃_t, (1 - d) ⊙ dh_t, and dh keeps
+    d ⊙ dh_t (dh_t where the step is dead), which reaches h_{t-1} past the cell."""
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -445,16 +694,189 @@ def _lstm_bwd_dh_kernel(
     if USE_NEXT:
         t_next = t - 1 if REVERSE else t + 1
         b_dh = _dh_from_next(
-            dgx, w_hh, dh, lengths, t_next, o_p, m_p, o_b, m_b, B, GH, P,
-            ACC, DOT_PREC, BLOCK_P, BLOCK_B, BLOCK_K, HAS_LEN,
+            dgx, w_hh, dh, lengths, drop, t_next, o_p, m_p, o_b, m_b, B, GH, P,
+            ACC, DOT_PREC, BLOCK_P, BLOCK_B, BLOCK_K, HAS_LEN, HAS_DROP, ZONE_H, ln_hh, aux, pb,
+            n_pb, LD, HAS_LN,
         )  # fmt: skip
-        tl.store(dh + o_dh, b_dh, mask=m_pb)
+        if not ZONE_H:
+            tl.store(dh + o_dh, b_dh, mask=m_pb)
     else:
         b_dh = tl.load(dh + o_dh, mask=m_pb, other=0.0)
-    b_dh += tl.load(dy + t64 * B * P + o_dh, mask=m_pb, other=0.0).to(ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    b_dh = tl.where(m_live, b_dh, 0.0)
-    tl.store(dhs + t64 * B * P + o_dh, b_dh.to(dhs.dtype.element_ty), mask=m_pb)
+    b_tot = b_dh + tl.load(dy + t64 * B * P + o_dh, mask=m_pb, other=0.0).to(ACC)
+    if ZONE_H:
+        b_d = _zoneout_factor(rng, t, z_stream, o_p, o_b, P, z_h, thr_h, 0, HAS_RNG, ACC)
+        tl.store(dh + o_dh, tl.where(m_live, b_d * b_tot, b_dh), mask=m_pb)
+        b_tot = (1.0 - b_d) * b_tot
+    b_tot = tl.where(m_live, b_tot, 0.0)
+    tl.store(dhs + t64 * B * P + o_dh, b_tot.to(dhs.dtype.element_ty), mask=m_pb)
+
+
+@triton.jit
+def _lstm_ln_partials(pb, ln_hh, p_aux, i_h, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai, b_daf,
+                      b_dag, b_dao, COUPLED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Stores this program's row sums over its units and gates of γ da and γ da û at
+    pb[i_h] ((n_programs, B, 2)); p_aux: the step's (B, LD) slab of û."""
+    GF: tl.constexpr = 0 if COUPLED else 1
+    o_u = o_b[None, :] * LD + o_h[:, None]
+    b_s1 = tl.zeros([o_b.shape[0]], dtype=ACC)
+    b_s2 = tl.zeros([o_b.shape[0]], dtype=ACC)
+    for gate in tl.static_range(4):
+        if gate == 0:
+            b_da = b_dai
+        elif gate == 1:
+            b_da = b_daf
+        elif gate == 2:
+            b_da = b_dag
+        else:
+            b_da = b_dao
+        if gate > 0 or not COUPLED:
+            col = (gate - 1 + GF) * H  # the gate's block: i 0, f GF, g GF + 1, o GF + 2
+            b_v = tl.load(ln_hh + col + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_da
+            b_v = tl.where(m_hb, b_v, 0.0)
+            b_s1 += tl.sum(b_v, axis=0)
+            b_s2 += tl.sum(b_v * tl.load(p_aux + col + o_u, mask=m_hb, other=0.0), axis=0)
+    p_pb = pb + (i_h * B + o_b) * 2
+    tl.store(p_pb, b_s1, mask=m_b)
+    tl.store(p_pb + 1, b_s2, mask=m_b)
+
+
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_PROJ": lambda a: a["w_hr"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        **_OPTION_HEURISTICS,
+    }
+)
+@triton.jit(do_not_specialize=["t"])
+def _lstm_bwd_ln_out_kernel(
+    dgx,  # (T, B, G*H) input dtype: reads t_next (the next step's da), writes da_o at t
+    gates,  # (T, B, G*H) ACC: activated gates from forward
+    cs,  # (T+1, B, H) ACC: cell states in time order
+    dh,  # (B, H) ACC, in/out, without projection: as the cell kernel's
+    dy,  # (T, B, H) input dtype, without projection
+    dhs,  # (T, B, P) input dtype, with projection: total gradient of h_t
+    w_hh,  # (G*H, R) input dtype
+    w_hr,  # (P, H) input dtype or None
+    lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, R) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains
+    aux,  # (T, B, LD) ACC: forward's û, rstd, LN_c's mean and rstd
+    pb,  # (n_pb, B, 2) ACC: the cell kernel's row sums of t_next (LN_hh)
+    ln_c_w,  # (H,) input dtype: LN_c's gain
+    ln_c_b,  # (H,) input dtype: LN_c's bias
+    dqs,  # (T, B, H) ACC, out: dq, the gradient of LN_c's output q
+    pc,  # (n_pb, B, 2) ACC, out: per-program row sums of γ_c dq and γ_c dq ĉ
+    t,  # time index of this step
+    B,
+    H,
+    R,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_c,  # unused here (the cell kernel's)
+    z_h,  # zoneout probability of h (without projection)
+    thr_c,
+    thr_h,
+    n_pb,  # programs along H (partials per row)
+    LD,  # row stride of aux (G*H + 3)
+    G: tl.constexpr,
+    COUPLED: tl.constexpr,
+    REVERSE: tl.constexpr,
+    USE_NEXT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
+):
+    """Backward of the LSTM's output with LN_c, m = o ⊙ tanh(q), q = LN_c(c̃), for units o_h of
+    rows o_b: dm as the cell kernel forms it (`_lstm_bwd_dm`), then da_o = dm tanh(q) o(1-o)
+    (stored in dgx) and dq = dm o (1 - tanh²q) (stored in dqs) with this program's row sums of
+    γ_c dq and γ_c dq ĉ: LN_c' needs them over all H units, in the next launch (the cell
+    kernel)."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_h, m_b = o_h < H, o_b < B
+    m_hb = m_h[:, None] & m_b[None, :]
+    t64 = t.to(tl.int64)
+    s_in = t64 + 1 if REVERSE else t64
+    s_out = t64 if REVERSE else t64 + 1
+    o_c = o_b[None, :] * H + o_h[:, None]
+    b_dm = _lstm_bwd_dm(
+        dgx, w_hh, w_hr, dh, dy, dhs, lengths, drop, rng, ln_hh, aux, pb, t, t64, o_h, m_h, o_b,
+        m_b, m_hb, o_c, B, H, R, n_pb, LD, z_stream, z_h, thr_h, G, REVERSE, USE_NEXT, ACC,
+        DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN, HAS_PROJ, HAS_RNG, HAS_DROP, ZONE_H, HAS_LN,
+    )  # fmt: skip
+    o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+    b_i, b_f, b_g, b_o, b_cp, _ = _lstm_load_saved(
+        gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
+    )
+    b_c = b_f * b_cp + b_i * b_g  # the candidate c̃
+    p_st = aux + t64 * B * LD + o_b * LD + G * H
+    b_mc = tl.load(p_st + 1, mask=m_b, other=0.0)[None, :]
+    b_rc = tl.load(p_st + 2, mask=m_b, other=0.0)[None, :]
+    b_ch = (b_c - b_mc) * b_rc
+    b_gw = tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    b_gb = tl.load(ln_c_b + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    b_tq = _tanh(b_ch * b_gw + b_gb)
+    m_live = _live(lengths, t, o_b, m_b, HAS_LEN) & m_hb
+    b_dao = tl.where(m_live, b_dm * b_tq * b_o * (1.0 - b_o), 0.0)
+    b_dq = tl.where(m_live, b_dm * b_o * (1.0 - b_tq * b_tq), 0.0)
+    tl.store(dgx + o_gx + (G - 1) * H, b_dao.to(dgx.dtype.element_ty), mask=m_hb)
+    tl.store(dqs + t64 * B * H + o_c, b_dq, mask=m_hb)
+    b_v = b_gw * b_dq
+    p_pc = pc + (i_h * B + o_b) * 2
+    tl.store(p_pc, tl.sum(b_v, axis=0), mask=m_b)
+    tl.store(p_pc + 1, tl.sum(b_v * b_ch, axis=0), mask=m_b)
+
+
+@triton.jit
+def _lstm_bwd_dm(dgx, w_hh, w_hr, dh, dy, dhs, lengths, drop, rng, ln_hh, aux, pb, t, t64, o_h,
+                 m_h, o_b, m_b, m_hb, o_c, B, H, R, n_pb, LD, z_stream, z_h, thr_h,
+                 G: tl.constexpr, REVERSE: tl.constexpr, USE_NEXT: tl.constexpr,
+                 ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LEN: tl.constexpr,
+                 HAS_PROJ: tl.constexpr, HAS_RNG: tl.constexpr, HAS_DROP: tl.constexpr,
+                 ZONE_H: tl.constexpr, HAS_LN: tl.constexpr):  # fmt: skip
+    """(BLOCK_H, BLOCK_B) dm, the gradient of m = o tanh(c') of step t for units o_h: dh W_hr
+    with a projection (the dh kernel did the rest), else the gradient reaching h_t (from the
+    next step, `_dh_from_next`, and dy_t), with zoneout its (1 - d) part (dh keeps d ⊙ it)."""
+    # dm: gradient of m = o * tanh(c') for units o_h, (BLOCK_H, BLOCK_B)
+    if HAS_PROJ:
+        # dm = dh W_hr: W_hr^T (rows o_h = columns of W_hr) times dh^T, over P
+        b_dm = _mm_tile(
+            tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), w_hr, dhs + t64 * B * R, 1, H, R,
+            o_h, m_h, o_b, m_b, R, DOT_PREC, BLOCK_K,
+        )  # fmt: skip
+    else:
+        if USE_NEXT:
+            t_next = t - 1 if REVERSE else t + 1
+            b_dm = _dh_from_next(
+                dgx, w_hh, dh, lengths, drop, t_next, o_h, m_h, o_b, m_b, B, G * H, R,
+                ACC, DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN, HAS_DROP, ZONE_H, ln_hh, aux,
+                pb, n_pb, LD, HAS_LN,
+            )  # fmt: skip
+            if not ZONE_H:
+                tl.store(dh + o_c, b_dm, mask=m_hb)
+        else:
+            b_dm = tl.load(dh + o_c, mask=m_hb, other=0.0)
+        b_tot = b_dm + tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
+        if ZONE_H:
+            b_d = _zoneout_factor(rng, t, z_stream, o_h, o_b, R, z_h, thr_h, 0, HAS_RNG, ACC)
+            m_now = _live(lengths, t, o_b, m_b, HAS_LEN)
+            tl.store(dh + o_c, tl.where(m_now, b_d * b_tot, b_dm), mask=m_hb)
+            b_tot = (1.0 - b_d) * b_tot
+        b_dm = b_tot
+    return b_dm
 
 
 @triton.heuristics(
@@ -462,6 +884,9 @@ def _lstm_bwd_dh_kernel(
         "HAS_PEEP": lambda a: a["w_ch"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["w_hr"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        "HAS_LNC": lambda a: a["dqs"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit(do_not_specialize=["t"])
@@ -477,10 +902,27 @@ def _lstm_bwd_cell_kernel(
     w_hr,  # (P, H) input dtype or None
     w_ch,  # (3*H,) or (2*H,) input dtype, or None: peepholes
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, R) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm)
+    aux,  # (T, B, LD) ACC, layer norm: forward's û, rstd, LN_c's mean and rstd
+    pb,  # (n_pb, B, 2) ACC, layer norm: per program, row sums of γ da and γ da û; reads
+    #      t_next's (with a projection the dh kernel does), then writes t's
+    ln_c_w,  # (H,) input dtype or None: LN_c's gain
+    ln_c_b,  # (H,) input dtype or None: LN_c's bias
+    dqs,  # (T, B, H) ACC or None, LN_c: dq = gradient of LN_c's output (the output kernel's)
+    pc,  # (n_pb, B, 2) ACC, LN_c: per-program row sums of γ_c dq and γ_c dq ĉ
     t,  # time index of this step
     B,
     H,
     R,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_c,  # zoneout probability of c
+    z_h,  # zoneout probability of h (without projection: the dh kernel handles it with one)
+    thr_c,  # int32 thresholds of the masks
+    thr_h,
+    n_pb,  # programs along H (partials per row)
+    LD,  # row stride of aux (G*H + 3)
     G: tl.constexpr,
     COUPLED: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -493,7 +935,20 @@ def _lstm_bwd_cell_kernel(
     HAS_PEEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_LNC: tl.constexpr,
 ):
+    """Backward of step t for units o_h: dm (from dh without projection), the cell's backward,
+    da_t and dc_{t-1}. Zoneout: the gradient of h_t (c_t) splits into (1 - d) ⊙ it for the
+    cell's h̃ (c̃) and d ⊙ it, which reaches h_{t-1} (c_{t-1}) directly: dh keeps the latter
+    for the next launch (CARRY in `_dh_from_next`), dc adds it. c̃ = f c + i g is recomputed
+    from the gates (cs holds the zoned c). Layer norm: the product of the next step runs over
+    LN_hh'(da) (`_dh_from_next`), and this launch leaves its row sums in pb; LN_c: dm was taken to
+    da_o and dq by `_lstm_bwd_ln_out_kernel`, and here dc̃ gains LN_c'(dq)."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -505,36 +960,74 @@ def _lstm_bwd_cell_kernel(
     s_out = t64 if REVERSE else t64 + 1
     o_c = o_b[None, :] * H + o_h[:, None]  # within one (B, H) slice
 
-    # dm: gradient of m = o * tanh(c') for units o_h, (BLOCK_H, BLOCK_B)
-    if HAS_PROJ:
-        # dm = dh W_hr: W_hr^T (rows o_h = columns of W_hr) times dh^T, over P
-        b_dm = _mm_tile(
-            tl.zeros([BLOCK_H, BLOCK_B], dtype=ACC), w_hr, dhs + t64 * B * R, 1, H, R,
-            o_h, m_h, o_b, m_b, R, DOT_PREC, BLOCK_K,
+    if not HAS_LNC:  # with LN_c, `_lstm_bwd_ln_out_kernel` took dm to da_o and dq
+        b_dm = _lstm_bwd_dm(
+            dgx, w_hh, w_hr, dh, dy, dhs, lengths, drop, rng, ln_hh, aux, pb, t, t64, o_h, m_h,
+            o_b, m_b, m_hb, o_c, B, H, R, n_pb, LD, z_stream, z_h, thr_h, G, REVERSE, USE_NEXT,
+            ACC, DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN, HAS_PROJ, HAS_RNG, HAS_DROP, ZONE_H,
+            HAS_LN,
         )  # fmt: skip
-    else:
-        if USE_NEXT:
-            t_next = t - 1 if REVERSE else t + 1
-            b_dm = _dh_from_next(
-                dgx, w_hh, dh, lengths, t_next, o_h, m_h, o_b, m_b, B, G * H, R,
-                ACC, DOT_PREC, BLOCK_H, BLOCK_B, BLOCK_K, HAS_LEN,
-            )  # fmt: skip
-            tl.store(dh + o_c, b_dm, mask=m_hb)
-        else:
-            b_dm = tl.load(dh + o_c, mask=m_hb, other=0.0)
-        b_dm += tl.load(dy + t64 * B * R + o_c, mask=m_hb, other=0.0).to(ACC)
 
     o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
     b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
         gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
+    if ZONE_C or HAS_LNC:
+        b_c = b_f * b_cp + b_i * b_g  # the candidate c̃ (cs holds the zoned state)
     b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    b_dc = _lstm_bwd_step(
-        dgx + o_gx, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live, m_hb, H,
-        COUPLED, HAS_PEEP,
-    )  # fmt: skip
+    if HAS_LN or HAS_LNC:
+        b_dct = b_dc  # the part of dc reaching c̃
+        if ZONE_C:
+            b_dz = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
+            b_dct = (1.0 - b_dz) * b_dc
+        if HAS_LNC:
+            # dc̃ += LN_c'(dq) = rstd_c (γ_c dq - mean(γ_c dq) - ĉ mean(γ_c dq ĉ)), and the
+            # output gate's peephole term; dm already went to da_o and dq
+            b_s1, b_s2 = _ln_sums(pc, o_b, m_b, B, n_pb, ACC)
+            p_st = aux + t64 * B * LD + o_b * LD + G * H
+            b_mc = tl.load(p_st + 1, mask=m_b, other=0.0)[None, :]
+            b_rc = tl.load(p_st + 2, mask=m_b, other=0.0)[None, :]
+            b_ch = (b_c - b_mc) * b_rc
+            b_dq = tl.load(dqs + t64 * B * H + o_c, mask=m_hb, other=0.0)
+            b_dq *= tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+            b_dct += b_rc * (b_dq - b_s1[None, :] / H - b_ch * b_s2[None, :] / H)
+            b_dao = tl.load(dgx + o_gx + (G - 1) * H, mask=m_hb, other=0.0).to(ACC)
+            if HAS_PEEP:
+                b_dct += b_po * b_dao
+            b_dai, b_daf, b_dag, _, b_dcp = _lstm_cell_bwd(
+                0.0, b_dct, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+            )
+        else:
+            b_dai, b_daf, b_dag, b_dao, b_dcp = _lstm_cell_bwd(
+                b_dm, b_dct, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, COUPLED, HAS_PEEP
+            )
+        b_dai = tl.where(m_live, b_dai, 0.0)
+        b_daf = tl.where(m_live, b_daf, 0.0)
+        b_dag = tl.where(m_live, b_dag, 0.0)
+        b_dao = tl.where(m_live, b_dao, 0.0)
+        _store_gate_blocks(dgx + o_gx, b_dai, b_daf, b_dag, b_dao, m_hb, H, COUPLED)
+        if ZONE_C:
+            b_dcp += b_dz * b_dc
+        b_dc = tl.where(m_live, b_dcp, b_dc)
+        if HAS_LN:  # this program's row sums of γ da and γ da û, for the next step's product
+            _lstm_ln_partials(
+                pb, ln_hh, aux + t64 * B * LD, i_h, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai,
+                b_daf, b_dag, b_dao, COUPLED, ACC,
+            )  # fmt: skip
+    elif ZONE_C:
+        b_dz = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
+        b_dcp = _lstm_bwd_step(
+            dgx + o_gx, b_dm, (1.0 - b_dz) * b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
+            b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
+        )  # fmt: skip
+        b_dc = tl.where(m_live, b_dcp + b_dz * b_dc, b_dc)
+    else:
+        b_dc = _lstm_bwd_step(
+            dgx + o_gx, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po, m_live,
+            m_hb, H, COUPLED, HAS_PEEP,
+        )  # fmt: skip
     tl.store(dc + o_c, b_dc, mask=m_hb)
 
 
@@ -860,13 +1353,41 @@ def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, re
     )  # fmt: skip
 
 
-def lstm_fwd(
-    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, *, persistent=False
-):
-    """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring).
+def _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh) -> bool:
+    """Whether a call uses zoneout, recurrent dropout or layer norm."""
+    on = zoneout_c > 0 or zoneout_h > 0
+    return on or rng is not None or drop is not None or ln_hh is not None
 
+
+def _option_args(rng, zoneout_c, zoneout_h, stream, drop, proj: bool):
+    """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout: (those of the
+    cell kernels, those of the projection's forward and dh kernels). With a projection h is
+    zoned by the latter (z_h = 0 for the cell kernels)."""
+    z_h = float(zoneout_h)
+    common = dict(rng=rng, z_stream=int(stream))
+    cell = dict(common, drop=drop, z_c=float(zoneout_c), z_h=0.0 if proj else z_h,
+                thr_c=zoneout_threshold(zoneout_c), thr_h=zoneout_threshold(zoneout_h))  # fmt: skip
+    return cell, dict(common, z_h=z_h, thr_h=zoneout_threshold(zoneout_h))
+
+
+def lstm_fwd(
+    gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, rng=None,
+    zoneout_c=0.0, zoneout_h=0.0, stream=0, drop=None, ln_hh=None, ln_c_w=None, ln_c_b=None, *,
+    persistent=False,
+):  # fmt: skip
+    """Runs the forward recurrence; returns (y, hs, cs, gates, ms) (see the file docstring),
+    and with layer norm a sixth element aux (T, B, G*H + 3) [û | rstd | mean_c, rstd_c] (None
+    without `store_gates`).
+
+    Options (stepwise kernels only): zoneout of c and h (masks from `rng` (2,) int64 in
+    training, the expectation without it) in layer-direction `stream`, recurrent dropout's
+    (B, R) mask `drop` in the accumulation dtype, layer norm: gains `ln_hh` of the recurrent
+    product (phase 1, `_common._ln_rec_kernel`, before the cell kernel) and LN_c's `ln_c_w`,
+    `ln_c_b` (`_lstm_fwd_ln_out_kernel` after it).
     persistent=True: one persistent launch when it can run safely, else the stepwise loop.
     """
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
     dev = gx.device
@@ -884,24 +1405,61 @@ def lstm_fwd(
         return y, hs, cs, gates, ms
 
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
+    opt_cell, opt_proj = _option_args(rng, zoneout_c, zoneout_h, stream, drop, w_hr is not None)
     cell_grid, cell_kw = _stepwise_meta(B, H, R, "BLOCK_H")
+    ln = dict(ln_hh=None, lnb=None, part=None, co=None, part_c=None, n_ln=0, ln_bn=0, LD=0,
+              ln_ts=0)  # fmt: skip
+    rec = out = aux = None
+    if ln_hh is not None:
+        LD = GH + 3
+        aux = new_output((T if store_gates else 1, B, LD), acc, dev)
+        ts = B * LD if store_gates else 0  # without a backward one slot serves every step
+        rec_grid, rec_kw = _stepwise_meta(B, GH, R, "BLOCK_N")
+        part = torch.empty((rec_grid[0], B, 2), dtype=acc, device=dev)
+        rec = step_launcher(
+            _ln_rec_kernel, rec_grid, ("t", "s_in"), hs=hs, w_hh=w_hh, drop=drop, lnb=aux,
+            part=part, B=B, N=GH, R=R, LD=LD, TS=ts, ACC=kw["ACC"], DOT_PREC=kw["DOT_PREC"],
+            **rec_kw,
+        )  # fmt: skip
+        ln.update(ln_hh=ln_hh, lnb=aux, part=part, n_ln=rec_grid[0], ln_bn=rec_kw["BLOCK_N"],
+                  LD=LD, ln_ts=ts)  # fmt: skip
+        if ln_c_w is None:
+            aux[..., GH + 1 :] = 0.0  # no LN_c statistics
+        else:
+            co = torch.empty((B, 2 * H), dtype=acc, device=dev)
+            part_c = torch.empty((cell_grid[0], B, 2), dtype=acc, device=dev)
+            ln.update(co=co, part_c=part_c)
+            out = step_launcher(
+                _lstm_fwd_ln_out_kernel, cell_grid, ("t",), co=co, part_c=part_c, ln_c_w=ln_c_w,
+                ln_c_b=ln_c_b, lnb=aux, hs=hs, y=y, ms=ms, lengths=lengths, rng=rng, B=B, H=H,
+                GH=GH, n_pc=cell_grid[0], LD=LD, ln_ts=ts, z_stream=opt_cell["z_stream"],
+                z_h=opt_cell["z_h"], thr_h=opt_cell["thr_h"], REVERSE=reverse, ACC=kw["ACC"],
+                BLOCK_H=cell_kw["BLOCK_H"], BLOCK_B=cell_kw["BLOCK_B"],
+                num_warps=cell_kw["num_warps"],
+            )  # fmt: skip
     cell = step_launcher(
         _lstm_fwd_cell_kernel, cell_grid, ("t",), gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms,
         w_hh=w_hh, w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
-        **cell_kw,
+        **cell_kw, **opt_cell, **ln,
     )  # fmt: skip
     if w_hr is not None:
         proj_grid, proj_kw = _stepwise_meta(B, R, H, "BLOCK_P")
         proj = step_launcher(
             _lstm_fwd_proj_kernel, proj_grid, ("t",), ms=ms, w_hr=w_hr, hs=hs, y=y,
-            lengths=lengths, B=B, H=H, P=R, **kw, **proj_kw,
+            lengths=lengths, B=B, H=H, P=R, **kw, **proj_kw, **opt_proj,
         )  # fmt: skip
     for s in range(T):
         t = T - 1 - s if reverse else s
+        if rec is not None:
+            rec(t, t + 1 if reverse else t)
         cell(t)
+        if out is not None:
+            out(t)
         if w_hr is not None:
             proj(t)
-    return y, hs, cs, gates, ms
+    if ln_hh is None:
+        return y, hs, cs, gates, ms
+    return y, hs, cs, gates, ms, aux if store_gates else None
 
 
 def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
@@ -921,13 +1479,21 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
 
 
 def lstm_bwd(
-    dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs, *,
-    persistent=False,
+    dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, needs,
+    aux=None, rng=None, zoneout_c=0.0, zoneout_h=0.0, stream=0, drop=None, ln_hh=None,
+    ln_c_w=None, ln_c_b=None, *, persistent=False,
 ):  # fmt: skip
-    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed).
+    """Reverse-time loop; returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch) (None where not needed),
+    and the layer-norm gradients (dln_hh, dln_c_w, dln_c_b) when `needs` has their 3 flags.
 
-    persistent=True: one persistent launch when it can run safely, else the stepwise loop.
+    The options as `lstm_fwd`'s (the same rng, stream and mask: the zoneout masks are drawn
+    again, not stored; `aux` is forward's with layer norm). persistent=True: one persistent
+    launch when it can run safely, else the stepwise loop.
     """
+    options = (rng, zoneout_c, zoneout_h, stream, drop)
+    ln = None if ln_hh is None else (ln_hh, aux, ln_c_w, ln_c_b)
+    # the persistent kernels have none of the options: the stepwise loop runs them
+    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH = gates.shape
     R = w_hh.shape[1]
     dt, acc = hs.dtype, cs.dtype
@@ -938,70 +1504,152 @@ def lstm_bwd(
     dh = dhT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dc = dcT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dhs = new_output((T, B, R), dt, dev) if w_hr is not None else None
+    dqs = None
     if not (
         persistent
         and _lstm_bwd_persistent(
             dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse, coupled
         )
     ):
-        _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
-                           coupled)  # fmt: skip
-    return _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs)
+        dqs = _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths,
+                                 reverse, coupled, options, ln)  # fmt: skip
+    grads = _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled,
+                              needs[:6], gates, options, ln)  # fmt: skip
+    if ln is None:
+        return grads + (None,) * (len(needs) - 6)
+    return grads + _lstm_bwd_ln_grads(dgx, dqs, cs, gates, aux, ln_c_w, reverse, coupled, needs)
 
 
 def _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
-                       coupled):  # fmt: skip
-    """One launch (two with a projection) per step, reverse time order."""
+                       coupled, options=(None, 0.0, 0.0, 0, None), ln=None):  # fmt: skip
+    """One launch (two with a projection) per step, reverse time order; with LN_c one more
+    (`_lstm_bwd_ln_out_kernel`, before the cell kernel). Returns dqs (T, B, H), LN_c's output
+    gradients, or None."""
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype))
+    opt_cell, opt_dh = _option_args(*options, w_hr is not None)
     cell_grid, cell_kw = _stepwise_meta(B, H, R if w_hr is not None else GH, "BLOCK_H")
+    ln_kw = dict(ln_hh=None, aux=None, pb=None, n_pb=0, LD=0)
+    lnc_kw = dict(ln_c_w=None, ln_c_b=None, dqs=None, pc=None)
+    if ln is not None:
+        ln_hh, aux, ln_c_w, ln_c_b = ln
+        pb = torch.empty((cell_grid[0], B, 2), dtype=cs.dtype, device=cs.device)
+        ln_kw = dict(ln_hh=ln_hh, aux=aux, pb=pb, n_pb=cell_grid[0], LD=GH + 3)
+        if ln_c_w is not None:
+            dqs = new_output((T, B, H), cs.dtype, cs.device)
+            pc = torch.empty((cell_grid[0], B, 2), dtype=cs.dtype, device=cs.device)
+            lnc_kw = dict(ln_c_w=ln_c_w, ln_c_b=ln_c_b, dqs=dqs, pc=pc)
+    out_kw = None
+    if lnc_kw["dqs"] is not None:
+        out_kw = dict(
+            dgx=dgx, gates=gates, cs=cs, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
+            lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw, **cell_kw, **opt_cell,
+            **ln_kw, **lnc_kw,
+        )  # fmt: skip
+        out_kw.pop("w_ch", None)
     cell_kw.update(
         dgx=dgx, gates=gates, cs=cs, dc=dc, dh=dh, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
-        w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw,
+        w_ch=w_ch, lengths=lengths, B=B, H=H, R=R, G=G, COUPLED=coupled, **kw, **opt_cell,
+        **ln_kw, **lnc_kw,
     )  # fmt: skip
     if w_hr is not None:
         dh_grid, dh_kw = _stepwise_meta(B, R, GH, "BLOCK_P")
         dh_kw.update(dgx=dgx, w_hh=w_hh, dh=dh, dy=dy, dhs=dhs, lengths=lengths, B=B, GH=GH, P=R,
-                     **kw)  # fmt: skip
+                     drop=options[4], **kw, **opt_dh, **ln_kw)  # fmt: skip
     # the first step processed (s = T - 1) has no later step to take dh from: its own variant
     t = 0 if reverse else T - 1
     if w_hr is not None:
         _lstm_bwd_dh_kernel[dh_grid](t=t, USE_NEXT=False, **dh_kw)
         dh_step = step_launcher(_lstm_bwd_dh_kernel, dh_grid, ("t",), USE_NEXT=True, **dh_kw)
+    if out_kw is not None:
+        _lstm_bwd_ln_out_kernel[cell_grid](t=t, USE_NEXT=False, **out_kw)
+        out = step_launcher(_lstm_bwd_ln_out_kernel, cell_grid, ("t",), USE_NEXT=True, **out_kw)
     _lstm_bwd_cell_kernel[cell_grid](t=t, USE_NEXT=False, **cell_kw)
     cell = step_launcher(_lstm_bwd_cell_kernel, cell_grid, ("t",), USE_NEXT=True, **cell_kw)
     for s in range(T - 2, -1, -1):
         t = T - 1 - s if reverse else s
         if w_hr is not None:
             dh_step(t)
+        if out_kw is not None:
+            out(t)
         cell(t)
+    return lnc_kw["dqs"]
 
 
-def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs):
+def _lstm_bwd_ln_grads(dgx, dqs, cs, gates, aux, ln_c_w, reverse, coupled, needs):
+    """(dγ_hh, dγ_c, dβ_c) after the reverse loop: Σ da ⊙ û, Σ dq ⊙ ĉ, Σ dq over steps and rows
+    (None where `needs` does not ask, or without LN_c)."""
+    T, B, GH = dgx.shape
+    G = 3 if coupled else 4
+    H = GH // G
+    dt, acc = dgx.dtype, cs.dtype
+    flags = list(needs[6:9]) + [False] * (9 - len(needs))
+    dln = dcw = dcb = None
+    if flags[0]:
+        dln = (dgx.to(acc) * aux[..., :GH]).sum((0, 1)).to(dt)
+    if ln_c_w is not None and (flags[1] or flags[2]):
+        c_prev = cs[1:] if reverse else cs[:-1]
+        blocks = gates.view(T, B, G, H)
+        gf = 0 if coupled else 1
+        i = 1.0 - blocks[:, :, 0] if coupled else blocks[:, :, 0]
+        c_til = blocks[:, :, gf] * c_prev + i * blocks[:, :, gf + 1]
+        c_hat = (c_til - aux[..., GH + 1 : GH + 2]) * aux[..., GH + 2 :]
+        dcw = (dqs * c_hat).sum((0, 1)).to(dt) if flags[1] else None
+        dcb = dqs.sum((0, 1)).to(dt) if flags[2] else None
+    return (dln, dcw, dcb)[: max(len(needs) - 6, 0)]
+
+
+def _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled, needs,
+                      gates=None, options=(None, 0.0, 0.0, 0, None), ln=None):  # fmt: skip
     """After the reverse loop: dh0, dc0 and the weight gradients, one GEMM / reduction each over
-    all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch)."""
+    all steps (dead steps have da = 0). Returns (dgx, dh0, dc0, dw_hh, dw_hr, dw_ch).
+
+    Recurrent dropout: W_hh met h ⊙ mask. Zoneout of h: dh holds what the first step processed
+    passed to h0 past its cell. Zoneout of c: the peephole of o saw the candidate c̃ = f c + i g
+    (recomputed from `gates`), not the zoned state in cs. Layer norm: W_hh met du = LN_hh'(da)
+    = rstd (γ da - mean(γ da) - û mean(γ da û)), not da."""
     T, B, GH, G, H, R = _dims(dgx, w_hh, coupled)
     dt, acc = hs.dtype, cs.dtype
     need_gx, need_h0, need_c0, need_whh, need_whr, need_wch = needs
+    _, zoneout_c, zoneout_h, _, drop = options
+    du = dgx
+    if ln is not None:  # the gradient of the product, from that of LN_hh's output
+        ln_hh, aux = ln[0], ln[1]
+        dv = dgx.to(acc) * ln_hh.to(acc)
+        u_hat, rstd = aux[..., :GH], aux[..., GH : GH + 1]
+        du = rstd * (dv - dv.mean(-1, keepdim=True) - u_hat * (dv * u_hat).mean(-1, keepdim=True))
     h_prev = hs[1:] if reverse else hs[:-1]  # (T, B, R): the state each step read
     c_prev = cs[1:] if reverse else cs[:-1]
     c_new = cs[:-1] if reverse else cs[1:]
     dh0 = dc0 = dw_hh = dw_hr = dw_ch = None
     if need_h0:
         t0 = T - 1 if reverse else 0  # the first step processed read h0
-        dh0 = dgx[t0].to(acc) @ w_hh.to(acc)
+        dh0 = du[t0].to(acc) @ w_hh.to(acc)
+        if drop is not None:
+            dh0 = dh0 * drop
+        if zoneout_h > 0:
+            dh0 = dh0 + dh
         if lengths is not None:
             dh0 = torch.where((lengths > t0)[:, None], dh0, dh)
         dh0 = dh0.to(dt)
     if need_c0:
         dc0 = dc.to(dt)
     if need_whh:
-        dw_hh = dgx.reshape(T * B, GH).t() @ h_prev.reshape(T * B, R)
+        if drop is not None:
+            h_prev = (h_prev.to(acc) * drop).to(dt)
+        if ln is not None:
+            dw_hh = (du.reshape(T * B, GH).t() @ h_prev.reshape(T * B, R).to(acc)).to(dt)
+        else:
+            dw_hh = dgx.reshape(T * B, GH).t() @ h_prev.reshape(T * B, R)
     if need_whr:
         dw_hr = dhs.reshape(T * B, R).t() @ ms.reshape(T * B, H)
     if need_wch:
         da = dgx.view(T, B, G, H).to(acc)
         gf = 0 if coupled else 1
+        if zoneout_c > 0 or (ln is not None and ln[2] is not None):
+            blocks = gates.view(T, B, G, H)
+            i = 1.0 - blocks[:, :, 0] if coupled else blocks[:, :, 0]
+            c_new = blocks[:, :, gf] * c_prev + i * blocks[:, :, gf + 1]
         parts = [] if coupled else [(da[:, :, 0] * c_prev).sum((0, 1))]
         parts += [(da[:, :, gf] * c_prev).sum((0, 1)), (da[:, :, gf + 2] * c_new).sum((0, 1))]
         dw_ch = torch.cat(parts).to(dt)

@@ -338,6 +338,23 @@ def test_projection_and_variants(tmp_path, capsys):
     assert len({r["torch_ms"] for r in rows}) == 1  # one torch.nn measurement shared
 
 
+def test_regularised_variants(tmp_path):
+    """zoneout and recurrent-dropout run for every cell, layernorm for the LSTM and the GRU, in
+    training (fwdbwd: the masks are drawn), timed against the plain torch.nn module."""
+    out = tmp_path / "r.json"
+    args = [*TINY, "--variant", "zoneout,recurrent-dropout,layernorm", "--mode", "fwdbwd",
+            "--backend", "torch", "--out", str(out), "-q"]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    got = sorted((r["cell"], r["variant"]) for r in rows)
+    assert got == sorted(
+        [(c, v) for c in ("lstm", "gru", "rnn") for v in ("zoneout", "recurrent-dropout")]
+        + [("lstm", "layernorm"), ("gru", "layernorm")]
+    )
+    assert all(r["status"] == "ok" and r["fused_ms"] > 0 for r in rows)
+    assert all(r["max_abs_diff"] is None for r in rows)
+
+
 def test_unavailable_and_failing_backends(monkeypatch, tmp_path, capsys):
     """A backend fused_rnn says it cannot run is 'unavailable' (exit 0), with fused_rnn's reason
     and how to enable it, said once; a crash is 'error' (exit 1)."""
@@ -419,6 +436,7 @@ runpy.run_module("fused_rnn.bench", run_name="__main__")
         (["--mode", "bwd"], "unknown value 'bwd'"),
         (["--backend", "cudnn"], "unknown value 'cudnn'"),
         (["--variant", "peephole", "--cell", "gru"], "variants other than none apply to LSTM"),
+        (["--variant", "layernorm", "--cell", "rnn"], "variants layernorm do not apply to rnn"),
         (["--seq-len", "0"], "expected an integer >= 1"),
         (["--reps", "many"], "expected an integer"),
         (["--hidden-size", "8", "--proj-size", "8"], "proj_size must be"),

@@ -133,14 +133,16 @@ def test_lstm_ops_opcheck(case):
     torch.library.opcheck(torch.ops.fused_rnn.lstm_fwd.default, args)
     # the backward operator on the forward's saved buffers, with some gradients not needed
     with torch.no_grad():
-        y, h_T, c_T, hs, cs, gates, ms = torch.ops.fused_rnn.lstm_fwd(*args)
+        y, h_T, c_T, hs, cs, gates, ms, aux = torch.ops.fused_rnn.lstm_fwd(*args)
+    assert aux.numel() == 0  # layer norm's buffer: empty without it
     needs = [True, False, True, True, P > 0, False]
     detached = [None if t is None else t.detach() for t in (args[3], w_hr, w_ch)]
     dys = [torch.randn_like(t) for t in (y, h_T, c_T)]
     bargs = (*dys, hs, cs, gates, ms, *detached, lengths, rev, G == 3, needs, "stepwise")
     torch.library.opcheck(torch.ops.fused_rnn.lstm_bwd.default, bargs)
     grads = torch.ops.fused_rnn.lstm_bwd(*bargs)
-    assert [g.numel() > 0 for g in grads] == needs  # not needed: an empty tensor
+    # not needed (and the layer-norm gradients of a call without it): an empty tensor
+    assert [g.numel() > 0 for g in grads] == needs + [False] * 3
 
 
 GRU_OP_CASES = {"GRU": (3, True), "GRU-nobias": (3, False), "RNN_TANH": (1, False),
@@ -160,7 +162,8 @@ def test_gru_ops_opcheck(mode):
             cell, True, "stepwise")  # fmt: skip
     torch.library.opcheck(torch.ops.fused_rnn.gru_fwd.default, args)
     with torch.no_grad():
-        y, h_T, hs, ws = torch.ops.fused_rnn.gru_fwd(*args)
+        y, h_T, hs, ws, aux = torch.ops.fused_rnn.gru_fwd(*args)
+    assert aux.numel() == 0
     assert (ws.numel() > 0) == (G == 3)  # the RNN keeps no gates: an empty tensor
     needs = [True, True, True, has_bhn]
     bargs = (torch.randn_like(y), torch.randn_like(h_T), hs, ws, args[2].detach(), lengths, True,
