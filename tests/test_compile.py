@@ -26,6 +26,7 @@ from fused_rnn import dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = "stepwise" if "stepwise" in dispatch.available_backends(DEVICE) else None
+FUSED_ALL = [b for b in ("stepwise", "persistent") if b in dispatch.available_backends(DEVICE)]
 needs_fused = pytest.mark.skipif(FUSED is None, reason="no fused backend can run here")
 
 # float64: eager and compiled run the same maths in another order (or in another program: the
@@ -400,10 +401,11 @@ FUSED_CASES = {
 
 
 @needs_fused
+@pytest.mark.parametrize("fused", FUSED_ALL)
 @pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_compile_fused_path(case):
+def test_compile_fused_path(case, fused):
     cls, kw, op, backend = FUSED_CASES[case]
-    model = _make(cls, FUSED, 3, 5, **kw)
+    model = _make(cls, fused, 3, 5, **kw)
     x = _t(3, 2, 3)
     graphs = _compile_matches_eager(model, x, backend=backend)
     targets = _targets(graphs)
@@ -411,10 +413,11 @@ def test_compile_fused_path(case):
 
 
 @needs_fused
-def test_compile_fused_path_against_torch_nn():
+@pytest.mark.parametrize("fused", FUSED_ALL)
+def test_compile_fused_path_against_torch_nn(fused):
     """Compiled fused LSTM vs torch.nn.LSTM with the same weights (not only vs its own eager)."""
     ref = nn.LSTM(3, 5, num_layers=2).to(DEVICE, DTYPE)
-    model = _make("LSTM", FUSED, 3, 5, num_layers=2)
+    model = _make("LSTM", fused, 3, 5, num_layers=2)
     model.load_state_dict(ref.state_dict())
     x = _t(3, 2, 3)
     out_c, g_c = _fwd_bwd(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
@@ -467,6 +470,11 @@ EXPORT_CASES = {
     "fused-LSTM-proj": ("LSTM", FUSED, {"proj_size": 2}),
     "fused-GRU-bidir": ("GRU", FUSED, {"bidirectional": True}),
     "fused-RNN-relu": ("RNN", FUSED, {"nonlinearity": "relu"}),
+    "persistent-LSTM-proj-bidir": (
+        "LSTM",
+        "persistent" if "persistent" in FUSED_ALL else None,
+        {"proj_size": 2, "bidirectional": True},
+    ),
 }
 
 

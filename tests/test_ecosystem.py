@@ -31,7 +31,9 @@ from fused_rnn import dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = "stepwise" if "stepwise" in dispatch.available_backends(DEVICE) else None
-BACKENDS = ["torch"] + ([FUSED] if FUSED else [])
+BACKENDS = ["torch"] + [
+    b for b in ("stepwise", "persistent") if b in dispatch.available_backends(DEVICE)
+]
 DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
 TOL = {"rtol": 1e-9, "atol": 1e-10} if DTYPE == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
 SEQ = ["LSTM", "GRU", "RNN"]
