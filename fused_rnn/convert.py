@@ -35,7 +35,11 @@ _TO_TORCH = {fused: torch_cls for torch_cls, fused in _PAIRS}
 _TORCH_FAMILY = (nn.RNNBase, nn.RNNCellBase)
 _FUSED_FAMILY = (modules.RNNBase, modules.RNNCellBase)
 
-_VARIANTS = ("peephole", "coupled_gates")
+# options with parameters of their own: torch.nn's weights have no place in them
+_VARIANTS = ("peephole", "coupled_gates", "layer_norm")
+# options that keep the weights as they are: convert may set them (on the new modules that take
+# them); revert refuses a module using them, as torch.nn has no such option
+_REGULARISERS = {"zoneout": 0.0, "recurrent_dropout": 0.0}
 
 
 def convert(model: nn.Module, **options) -> nn.Module:
@@ -63,10 +67,11 @@ def convert(model: nn.Module, **options) -> nn.Module:
     the old module, which should not be used after the swap.
 
     What a swap refuses or skips.
-        * ``peephole=True`` / ``coupled_gates=True``: ValueError, those variants have other
-          parameters, so torch.nn's weights have no place in them. Unknown options: TypeError;
-          a bad backend: ValueError. Every module is checked before any is replaced: on an
-          error the model is unchanged.
+        * ``peephole=True`` / ``coupled_gates=True`` / ``layer_norm=True``: ValueError, those
+          have other parameters, so torch.nn's weights have no place in them. Unknown options,
+          or an option that none of the new modules takes (``recurrent_dropout`` with only
+          cells): TypeError; a bad value: the new module's own error. Every module is checked
+          before any is replaced: on an error the model is unchanged.
         * A subclass of a recurrent class (``class MyLSTM(nn.LSTM)``), a module whose
           ``forward`` was replaced on the instance, or one compiled with ``Module.compile()``:
           left as it is, with a UserWarning naming it, because its own code would be lost (the
@@ -77,14 +82,17 @@ def convert(model: nn.Module, **options) -> nn.Module:
 
     Args:
         model: any nn.Module.
-        **options: fused_rnn's keyword-only extras for the new modules: ``backend`` ("auto",
-            "torch", "stepwise", "persistent"). ``peephole`` and ``coupled_gates`` are accepted
-            only as False (they change the parameters).
+        **options: fused_rnn's keyword-only extras for the new modules, each given to those
+            that take it: ``backend`` ("auto", "torch", "stepwise", "persistent"), ``zoneout``
+            (every class; a pair only for LSTM/LSTMCell) and ``recurrent_dropout`` (RNN, LSTM,
+            GRU). ``peephole``, ``coupled_gates`` and ``layer_norm`` are accepted only as False
+            (they change the parameters).
 
     Raises:
         TypeError: `model` is not an nn.Module, or an unknown option.
-        ValueError: a bad backend, peephole/coupled_gates=True, or a module whose weights do not
-            have the shapes its attributes imply. The model is unchanged.
+        ValueError: a bad backend or option value, peephole/coupled_gates/layer_norm=True, or a
+            module whose weights do not have the shapes its attributes imply. The model is
+            unchanged.
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(100, 16), nn.LSTM(16, 32, 2, batch_first=True))
@@ -96,6 +104,11 @@ def convert(model: nn.Module, **options) -> nn.Module:
     return _swap_all(model, "convert", _TO_FUSED, _TORCH_FAMILY, _FUSED_FAMILY, kwargs)
 
 
+def _takes(cls, name: str) -> bool:
+    """Whether fused_rnn class `cls` has option `name` (recurrent dropout: the layers only)."""
+    return name != "recurrent_dropout" or issubclass(cls, modules.RNNBase)
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Replace every fused_rnn recurrent module in `model` with its torch.nn namesake.
 
@@ -105,8 +118,8 @@ def revert(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: `model` is not an nn.Module.
-        ValueError: a module uses peephole or coupled_gates, which torch.nn lacks. The model is
-            unchanged.
+        ValueError: a module uses peephole, coupled_gates, layer_norm, zoneout or
+            recurrent_dropout, which torch.nn lacks. The model is unchanged.
 
     Example:
         >>> model = fused_rnn.revert(model)
@@ -117,7 +130,7 @@ def revert(model: nn.Module) -> nn.Module:
 
 def _check_options(options: dict) -> dict:
     for name in options:
-        if name != "backend" and name not in _VARIANTS:
+        if name != "backend" and name not in _VARIANTS and name not in _REGULARISERS:
             raise TypeError(f"convert() got an unexpected keyword argument '{name}'")
     for name in _VARIANTS:
         if name not in options:
@@ -127,13 +140,14 @@ def _check_options(options: dict) -> dict:
             raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         if value:
             raise ValueError(
-                f"convert() cannot set {name}=True: that LSTM variant has other parameters than "
-                f"torch.nn.LSTM, so the existing weights do not map onto it; build "
-                f"fused_rnn.LSTM(..., {name}=True) and train it instead"
+                f"convert() cannot set {name}=True: it adds parameters that torch.nn's modules "
+                f"do not have, so the existing weights do not map onto it; build the fused_rnn "
+                f"module with {name}=True and train it instead"
             )
+    kwargs = {k: v for k, v in options.items() if k in _REGULARISERS}
     if "backend" in options:
-        return {"backend": dispatch.check_backend(options["backend"])}
-    return {}
+        kwargs["backend"] = dispatch.check_backend(options["backend"])
+    return kwargs
 
 
 # --- walking the model --------------------------------------------------------------------------
@@ -168,6 +182,12 @@ def _swap_all(model, verb, table, source_family, target_family, kwargs):
     # build and check every replacement before touching the model, so that an error leaves it
     # unchanged; building reads the old modules and never writes them
     built = {key: _build(old, path, table, kwargs) for key, (old, path) in plan.items()}
+    for name in kwargs:
+        if name != "backend" and built and not any(_takes(type(m), name) for m in built.values()):
+            raise TypeError(
+                f"{verb}(): none of the recurrent modules in the model takes {name} (it is for "
+                "the RNN, LSTM and GRU layers)"
+            )
     for new in built.values():
         _rebind_module_hooks(new)
     for parent, name, old in sites:
@@ -250,7 +270,14 @@ def _build(old, path, table, kwargs):
                 f"revert: {where} is a {_name(cls)} with {name}=True, which {_name(target)} does "
                 "not have"
             )
+    for name, off in _REGULARISERS.items():
+        if getattr(old, name, off) != off:
+            raise ValueError(
+                f"revert: {where} is a {_name(cls)} with {name}={getattr(old, name)!r}, which "
+                f"{_name(target)} does not have"
+            )
     args = _constructor_args(old, cls)
+    kwargs = {k: v for k, v in kwargs.items() if _takes(target, k)}
     with warnings.catch_warnings():
         # the "dropout expects num_layers greater than 1" warning was given when `old` was built
         warnings.filterwarnings(

@@ -353,11 +353,23 @@ def test_device_training_flag_and_instance_attributes_are_kept():
     [
         ({"peephole": True}, ValueError, "cannot set peephole=True"),
         ({"coupled_gates": True}, ValueError, "cannot set coupled_gates=True"),
+        ({"layer_norm": True}, ValueError, "cannot set layer_norm=True"),
         ({"peephole": 1}, TypeError, "peephole should be of type bool"),
         ({"backend": "cudnn"}, ValueError, "backend must be one of"),
+        ({"zoneout": 1.5}, ValueError, "zoneout"),
+        ({"recurrent_dropout": -0.1}, ValueError, "recurrent_dropout"),
         ({"nonlinearity": "relu"}, TypeError, "unexpected keyword argument 'nonlinearity'"),
     ],
-    ids=["peephole", "coupled_gates", "peephole-not-bool", "bad-backend", "unknown"],
+    ids=[
+        "peephole",
+        "coupled_gates",
+        "layer_norm",
+        "peephole-not-bool",
+        "bad-backend",
+        "bad-zoneout",
+        "bad-recurrent-dropout",
+        "unknown",
+    ],  # fmt: skip
 )
 def test_bad_options_raise_and_leave_the_model_unchanged(options, error, match):
     model = WordLM()
@@ -365,6 +377,34 @@ def test_bad_options_raise_and_leave_the_model_unchanged(options, error, match):
     with pytest.raises(error, match=match):
         fused_rnn.convert(model, **options)
     assert model.rnn is rnn
+
+
+def test_regularisers_reach_the_modules_that_take_them_and_block_revert():
+    """zoneout and recurrent_dropout keep the weights, so convert sets them: zoneout on every
+    class, recurrent dropout on the layers (cells have none); revert refuses them (torch.nn has
+    neither) and leaves the model unchanged."""
+    model = Seq2Seq()
+    ref = copy.deepcopy(model)
+    before = list(model.parameters())
+    fused_rnn.convert(model, zoneout=0.1, recurrent_dropout=0.2)
+    assert (model.encoder.zoneout, model.encoder.recurrent_dropout) == (0.1, 0.2)
+    assert model.cell.zoneout == 0.1 and not hasattr(model.cell, "recurrent_dropout")
+    assert all(p is q for p, q in zip(model.parameters(), before, strict=True))
+    model.eval()  # evaluation: zoneout is its expectation, dropout off; same weights as before
+    ref.eval()
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        _, (h, _) = model.encoder(x)
+        _, (h_ref, _) = ref.encoder(x)
+    assert not torch.equal(h, h_ref)  # the expectation of zoneout changes the function
+    encoder = model.encoder
+    with pytest.raises(ValueError, match="zoneout=0.1, which torch.nn.LSTM does not have"):
+        fused_rnn.revert(model)
+    assert model.encoder is encoder
+    only_cells = nn.Sequential(nn.GRUCell(4, 8))
+    with pytest.raises(TypeError, match="none of the recurrent modules in the model takes"):
+        fused_rnn.convert(only_cells, recurrent_dropout=0.2)
+    assert type(only_cells[0]) is nn.GRUCell
 
 
 def test_backend_option_reaches_the_new_modules(monkeypatch):
