@@ -47,7 +47,7 @@ is at least the larger of the two; K balances them: the positive root of
 (L-1) K^2 + T K - T L r = 0. K is then rounded so that the n chunks are as equal as they can be
 (n = round(T / K), K = ceil(T / n): one chunk length, plus one shorter last chunk at most, so the
 CUDA-graph cache gets hits), and kept >= GRAPH_MIN_STEPS so that each chunk's stepwise loop is
-replayed from a graph. Fewer than two chunks: nothing to overlap, serial.
+replayed from a graph (the last one may be shorter). Fewer than two chunks: serial.
 
 Streams and memory (`CudaStreams`; `functional` runs every stream operation through it so that a
 test double can record them, tests/test_schedules.py):
@@ -82,9 +82,10 @@ SERIAL, DIRECTIONS, WAVEFRONT = "serial", "directions", "wavefront"
 NAMES = (SERIAL, DIRECTIONS, WAVEFRONT)
 
 # r: the host's cost of one chunk-call in steps of the device's per-step time (estimates, not
-# measurements: ~60-100 µs of Python per call, bench/host_cost.py's order of magnitude, against
-# ~2-5 µs per stepwise step replayed from a graph, ~1-2 µs per persistent step). Measured wavefront
-# rows on a GPU should replace them.
+# measurements: ~60-100 µs per call with a graph replay, of which the cache key ~30 µs
+# (fused_rnn/_graphs.py) and the operator's dispatch, the input GEMM, copies and events the rest,
+# against ~2-5 µs per stepwise step replayed from a graph and ~1.5-2.5 µs per persistent step;
+# bench/NOTES.md). Measured wavefront rows on a GPU should replace them.
 HOST_CALL_STEPS = {"stepwise": 30.0, "persistent": 60.0}
 
 
