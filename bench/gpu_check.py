@@ -301,6 +301,7 @@ PATH_CHECKS = (
     ("autotune", ("auto",)),
     ("compile", FUSED_BACKENDS),
     ("compile-ro", FUSED_BACKENDS),
+    ("schedules", FUSED_BACKENDS),
 )
 # run after the bench: the least important
 EXTRA_CHECKS = ("ddp", "autocast")
@@ -1539,6 +1540,127 @@ def _check_convert(ctx: _Ctx) -> float | None:
     return err
 
 
+def _stack_run(model, x, cots) -> list:
+    """[output, final states, d(loss)/d x, d(loss)/d every parameter] of a stacked module, for
+    the loss sum_i <out_i, cot_i>; detached."""
+    import torch
+
+    y, hn = model(x)
+    outs = [y, *(hn if isinstance(hn, tuple) else (hn,))]
+    loss = sum((o * c.to(o.device, o.dtype)).sum() for o, c in zip(outs, cots, strict=True))
+    grads = torch.autograd.grad(loss, [x, *model.parameters()])
+    return [t.detach() for t in (*outs, *grads)]
+
+
+def _check_schedules(ctx: _Ctx) -> float | None:
+    """Stacked networks on the schedules that run layer-directions at once (fused_rnn._schedule)
+    against the serial order, float64 and torch.nn, fp32 with TF32 off:
+
+    1. a 3-layer (--tiny: 2) unidirectional LSTM as a wavefront, forced to chunks of
+       GRAPH_MIN_STEPS steps (four full chunks and a short one: on CUDA each lane's stepwise
+       chunk loop is captured and replayed from a CUDA graph, on its own stream), and on the
+       schedule chosen for it
+       (explain must report what fused_rnn._schedule.decide says; off CUDA that is the serial
+       order, not run twice);
+    2. a 2-layer (--tiny: 1) bidirectional GRU on the directions schedule (chosen on CUDA)
+       and serially;
+    3. training with dropout between layers, zoneout and recurrent dropout under one seed: the
+       wavefront (LSTM) and on CUDA the directions schedule (GRU) equal the serial order (the
+       same masks).
+
+    Returned: the worst error of the fused schedules against float64 (output, final states,
+    the gradients of the input and every parameter); torch.nn's own beside it
+    (details["baseline"]); schedule against serial in details and checked against the same
+    tolerance. Off CUDA (the rehearsal) the schedules are forced and the streams are no-ops."""
+    import torch
+    from torch import nn
+
+    import fused_rnn
+    from fused_rnn import _graphs, _schedule
+
+    g = _graph_min_steps()
+    T, B, I, H, K = (5, 2, 3, 4, 2) if ctx.tiny else (4 * g + 3, 4, 8, 16, g)  # noqa: E741
+    gen = torch.Generator().manual_seed(ctx.seed)
+    tol = TOLERANCES["fp32"][0]
+    worst, base_worst = 0.0, 0.0
+    # --tiny: fewer layers, the interpreter runs every launch on the CPU
+    L, Lb = (2, 1) if ctx.tiny else (3, 2)
+    cases = {f"lstm-L{L}": ("LSTM", L, False), f"gru-L{Lb}-bi": ("GRU", Lb, True)}
+    for name, (cls, layers, bi) in cases.items():
+        ref = getattr(fused_rnn, cls)(I, H, layers, bidirectional=bi, backend="torch").double()
+        x64 = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+        cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64)
+                for o in _hvp_outputs(ref(x64))]  # fmt: skip
+        expected = _stack_run(ref, x64.clone().requires_grad_(), cots)
+        state = {k: v.float() for k, v in ref.state_dict().items()}
+        x = x64.to(ctx.device, torch.float32)
+        base = getattr(nn, cls)(I, H, layers, bidirectional=bi).to(ctx.device)
+        base.load_state_dict(state)
+        base_err = _max_rel(_stack_run(base, x.clone().requires_grad_(), cots), expected)
+        m = getattr(fused_rnn, cls)(I, H, layers, bidirectional=bi, backend=ctx.backend)
+        m = m.to(ctx.device)
+        m.load_state_dict(state)
+        runs, ran = {}, {}
+        concurrent = ("directions", None) if bi else ("wavefront", K)
+        schedules = {"serial": ("serial", None), concurrent[0]: concurrent, "chosen": (None, 0)}
+        info0 = _counters(_graphs.cache_info())
+        for label, (sched, chunk) in schedules.items():
+            scope = _schedule.forced(sched, chunk) if sched else contextlib.nullcontext()
+            with scope:
+                if label != "serial":
+                    ran[label] = _ran_schedule(m, x)
+                if label != "chosen" or ctx.cuda:  # off CUDA the chosen one is the serial one
+                    runs[label] = _stack_run(m, x.clone().requires_grad_(), cots)
+        graphs = {k: v - info0[k] for k, v in _counters(_graphs.cache_info()).items()}
+        errs = {label: _max_rel(r, expected) for label, r in runs.items()}
+        vs_serial = {label: _max_rel(r, [t.double().cpu() for t in runs["serial"]])
+                     for label, r in runs.items() if label != "serial"}  # fmt: skip
+        want = _schedule.decide(ctx.device.type, ctx.backend, False, layers, 2 if bi else 1, T)
+        ctx.expect(ran["chosen"].startswith(want.label()),
+                   f"{name}: ran {ran['chosen']!r}, decide says {want.label()!r}")  # fmt: skip
+        for label, e in vs_serial.items():
+            ctx.expect(e <= tol, f"{name}: {label} vs serial rel err {_fmt_err(e)}")
+        if ctx.cuda and ctx.backend == "stepwise" and not bi:
+            ctx.expect(graphs.get("hits", 0) > 0 and graphs.get("captures", 0) >= layers,
+                       f"{name}: the wavefront's chunk loops were not replayed per lane "
+                       f"({graphs})")  # fmt: skip
+        worst, base_worst = max(worst, *errs.values()), max(base_worst, base_err)
+        ctx.details[name] = {"schedules": ran, "vs_float64": errs, "vs_serial": vs_serial,
+                             "torch_nn_vs_float64": base_err, "graph_cache": graphs}  # fmt: skip
+
+    # 3. training with every random option: the same masks on every schedule, for one seed
+    train = {f"lstm-L{L}-train": ("LSTM", L, False, "wavefront", K),
+             "gru-L2-bi-train": ("GRU", 2, True, "directions", None)}  # fmt: skip
+    if not ctx.cuda:  # off CUDA the directions schedule runs the serial order's very operations
+        train.popitem()
+    for name, (cls, layers, bi, sched, chunk) in train.items():
+        m = getattr(fused_rnn, cls)(I, H, layers, bidirectional=bi, dropout=0.3, zoneout=0.1,
+                                    recurrent_dropout=0.2, backend=ctx.backend)  # fmt: skip
+        m = m.to(ctx.device).train()
+        x = torch.randn(T, B, I, generator=gen).to(ctx.device)
+        D = 2 if bi else 1
+        shapes = [(T, B, D * H)] + [(layers * D, B, H)] * (2 if cls == "LSTM" else 1)
+        cots = [torch.randn(shape, generator=gen) for shape in shapes]
+        out = {}
+        for label, (s, k) in {"serial": ("serial", None), sched: (sched, chunk)}.items():
+            with _schedule.forced(s, k):
+                torch.manual_seed(ctx.seed)
+                out[label] = _stack_run(m, x.clone().requires_grad_(), cots)
+        e = _max_rel(out[sched], [t.double().cpu() for t in out["serial"]])
+        ctx.details[name] = {f"{sched}_vs_serial": e}
+        ctx.expect(e <= tol, f"{name}: {sched} vs serial rel err {_fmt_err(e)} (other masks?)")
+    ctx.details["baseline"] = base_worst
+    return worst
+
+
+def _ran_schedule(model, x) -> str:
+    """The schedule `model`'s stack ran on for x, as fused_rnn.dispatch.explain reports it."""
+    from fused_rnn import dispatch
+
+    rows = dispatch.explain(model, x, file=None)
+    return "+".join(sorted({f"{r.schedule}: {r.schedule_reason}" for r in rows}))
+
+
 def _check_autocast(ctx: _Ctx) -> float | None:
     return _autocast_check(ctx.backend, ctx.device, ctx.row)
 
@@ -1560,6 +1682,7 @@ _CHECKS = {
     "convert": _check_convert,
     "ddp": _check_ddp,
     "autocast": _check_autocast,
+    "schedules": _check_schedules,
 }
 
 
@@ -2337,6 +2460,7 @@ EST = {
         "compile-ro": 40.0,
         "ddp": 5.0,
         "autocast": 6.0,
+        "schedules": 8.0,
     },  # fmt: skip
     "micro_s": {"barrier": 1.5, "launch": 1.0},
     "bench_row_s": 0.35,  # per side: build, compare, explain, graph capture, free

@@ -113,6 +113,9 @@ class Row:
     device: str
     backend: str
     resolved_backend: str | None = None  # what "auto" ran as, when fused_rnn.dispatch says
+    # the schedule of the stack's layer-directions (serial, directions, wavefront (K=..)), where
+    # fused_rnn.dispatch.explain says; None where torch's own op ran
+    schedule: str | None = None
     status: str = "ok"  # ok | unavailable | error | mismatch (outputs disagree; still timed)
     torch_ms: float | None = None
     fused_ms: float | None = None
@@ -209,15 +212,23 @@ def available_backends(device: torch.device, cell: str = "lstm") -> set[str] | N
 def resolved_backend(model: nn.Module, x: torch.Tensor, mode: str) -> str | None:
     """What ``model`` (notably with backend "auto") runs as on ``x`` in ``mode``, as
     ``fused_rnn.dispatch.explain`` reports it from one call ("a+b" if its layers differ)."""
+    return resolved(model, x, mode)[0]
+
+
+def resolved(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[str | None, str | None]:
+    """(backend, schedule) of ``model`` on ``x`` in ``mode`` as ``fused_rnn.dispatch.explain``
+    reports them from one call: `resolved_backend`, and the schedule its stack ran on (None
+    where torch's own op ran or explain does not say)."""
     explain = getattr(_dispatch(), "explain", None)
     if explain is None:
-        return None
+        return None, None
     try:
         with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
             rows = explain(model, x, file=None)
     except Exception:
-        return None
-    return "+".join(sorted({r.backend for r in rows})) or None
+        return None, None
+    schedules = {s for s in (getattr(r, "schedule", None) for r in rows) if s is not None}
+    return "+".join(sorted({r.backend for r in rows})) or None, "+".join(sorted(schedules)) or None
 
 
 def unavailable_reason(backend: str, cell: str, device: torch.device) -> str:
@@ -404,7 +415,7 @@ def _run_fused(row: Row, ref, x, device, dtype, probe: bool, opts: TimingOptions
         torch.manual_seed(0)
         fused = build_fused(row.shape, device, dtype, row.backend, row.variant)
         fused.train(row.mode == "fwdbwd")
-        row.resolved_backend = resolved_backend(fused, x, row.mode)
+        row.resolved_backend, row.schedule = resolved(fused, x, row.mode)
         if row.variant == "none":
             fused.load_state_dict(ref.state_dict())
             row.max_abs_diff, row.grad_max_abs_diff = compare(fused, ref, x, row.mode)

@@ -119,9 +119,13 @@ def _run(name: str, backend: str, *args):
     with torch.cuda.device(first.device):
         if _graph_worthy(backend, first.shape[0]):
             # what steers the recorded launches besides the arguments: the dot precision (from
-            # torch's TF32 flags) and the NaN poison of the outputs (tests)
+            # torch's TF32 flags) and the NaN poison of the outputs (tests). And the stream:
+            # a replay runs on the current stream, and replays of one entry from two streams
+            # wait for each other (they share its static buffers), so the lanes of a wavefront
+            # (fused_rnn._schedule), whose chunk calls have equal arguments, each get their own
             common = importlib.import_module("fused_rnn.kernels._common")
-            extra = (common.dot_precision(first.dtype), common.poison_enabled())
+            extra = (common.dot_precision(first.dtype), common.poison_enabled(),
+                     torch.cuda.current_stream().stream_id)  # fmt: skip
             return _graphs.graphed(fn, args, kwargs, key_extra=extra)
         return fn(*args, **kwargs)
 

@@ -11,13 +11,16 @@ and the coordinates of the element, with Philox 4x32-10 (Salmon et al. 2011, "Pa
 numbers: as easy as 1, 2, 3"), the generator behind `tl.philox` / `tl.randint`:
 
     key     = seed (64 bits: low word k0, high word k1)
-    counter = (b * W + j,  t,  2 * stream + which,  offset mod 2**32)
+    counter = (b * W + j,  t + (offset >> 32),  2 * stream + which,  offset mod 2**32)
     u       = first 32-bit word of Philox4x32-10(key, counter)
     keep    = (u >> 1) < floor(p * 2**31)                      P(keep) = floor(p * 2**31) / 2**31
 
 for batch row b, unit j of a state of width W, time step t (the sequence index, not the
 processing order), `stream` = the layer-direction index (layer * num_directions + direction)
-and `which` = 0 for h, 1 for the LSTM's cell state c. `philox` below is that generator in int64
+and `which` = 0 for h, 1 for the LSTM's cell state c. The offset's high word is a step offset:
+`draw` leaves it 0; a call over steps t0.. of a longer sequence (a chunk of the wavefront
+schedule, fused_rnn._schedule) passes offset + (t0 << 32), and its step t draws the masks of
+step t0 + t of the whole sequence. `philox` below is that generator in int64
 torch ops; kernels/_common.py `_zoneout_keep` is the same in Triton. Tests check both against
 the published known-answer vectors of Philox4x32-10 and against each other bit for bit.
 """
@@ -81,7 +84,7 @@ def keep_mask(rng: Tensor, t: int, B: int, W: int, stream: int, which: int, p: f
     """(B, W) bool: the units of a width-W state that keep their previous value at step t."""
     b = torch.arange(B, dtype=torch.int64, device=rng.device)[:, None]
     j = torch.arange(W, dtype=torch.int64, device=rng.device)[None, :]
-    u, *_ = philox(rng[0], b * W + j, t, 2 * stream + which, rng[1])
+    u, *_ = philox(rng[0], b * W + j, t + (rng[1] >> 32), 2 * stream + which, rng[1])
     return (u >> 1) < threshold(p)
 
 
@@ -91,7 +94,7 @@ def keep_masks(rng: Tensor, steps, B: int, W: int, stream: int, which: int, p: f
         t = torch.arange(steps.start, steps.stop, steps.step, dtype=torch.int64, device=rng.device)
     else:
         t = torch.tensor(list(steps), dtype=torch.int64, device=rng.device)
-    t = t[:, None, None]
+    t = t[:, None, None] + (rng[1] >> 32)  # the step offset (module docstring)
     b = torch.arange(B, dtype=torch.int64, device=rng.device)[:, None]
     j = torch.arange(W, dtype=torch.int64, device=rng.device)[None, :]
     u, *_ = philox(rng[0], b * W + j, t, 2 * stream + which, rng[1])

@@ -108,6 +108,7 @@ __all__ = [
     "forget",
     "load_policy",
     "needs_grad",
+    "note_schedule",
     "recording",
     "register_workload",
     "resolve",
@@ -383,6 +384,10 @@ class Decision(NamedTuple):
     reason: str
     key: str | None = None  # the policy / autotune key, where the call has one
     problem: Problem | None = None
+    # the schedule of a stack's layer-directions (fused_rnn._schedule: "serial", "directions",
+    # "wavefront (K=..)") and why, where a stack ran on the generic path (`note_schedule`)
+    schedule: str | None = None
+    schedule_reason: str = ""
 
 
 def choose(groups: list[dict[str, float]], allowed: Iterable[str], default: str,
@@ -861,6 +866,12 @@ def recording():
         _RECORDS = previous
 
 
+def note_schedule(schedule: str, reason: str) -> None:
+    """Records the schedule the stack of the last resolved call ran on (explain: eager only)."""
+    if _RECORDS:
+        _RECORDS[-1] = _RECORDS[-1]._replace(schedule=schedule, schedule_reason=reason)
+
+
 class ExplainRow(NamedTuple):
     call: int  # which recurrent call of the forward (a model may hold several)
     layer: int | None  # None for a cell
@@ -869,6 +880,8 @@ class ExplainRow(NamedTuple):
     reason: str
     key: str | None
     shape: str
+    schedule: str | None = None  # the stack's schedule (Decision.schedule); None: torch's op
+    schedule_reason: str = ""
 
 
 class Explanation(list):
@@ -882,6 +895,8 @@ class Explanation(list):
             rows = [r for r in self if r.call == call]
             lines.append(f"call {call}: {rows[0].shape}" + (f"  [{rows[0].key}]" if rows[0].key
                                                            else ""))  # fmt: skip
+            if rows[0].schedule is not None:
+                lines.append(f"  schedule: {rows[0].schedule} ({rows[0].schedule_reason})")
             for r in rows:
                 where = "cell" if r.layer is None else f"layer {r.layer} {r.direction}"
                 lines.append(f"  {where:<16} {r.backend:<11} {r.reason}")
@@ -896,8 +911,9 @@ def explain(module, *args, file=_STDOUT, **kwargs) -> Explanation:
 
     Runs `module(*args, **kwargs)` once (as a call would run: grad mode, autocast and
     autotuning included) and records every backend decision of the fused_rnn layers in it, so
-    the answer is what ran, with the reason `resolve` gave. Prints the table to `file` (None:
-    silent) and returns its rows.
+    the answer is what ran, with the reason `resolve` gave, and the schedule each stack's
+    layer-directions ran on (fused_rnn._schedule; None where torch's own op ran the call).
+    Prints the table to `file` (None: silent) and returns its rows.
 
     Example::
 
@@ -916,7 +932,8 @@ def explain(module, *args, file=_STDOUT, **kwargs) -> Explanation:
         reason = d.reason
         if d.backend == "persistent":
             reason += " (the launcher runs the stepwise kernels where the grid cannot fit)"
-        out += [ExplainRow(i, layer, di, d.backend, reason, d.key, p.label())
+        out += [ExplainRow(i, layer, di, d.backend, reason, d.key, p.label(), d.schedule,
+                           d.schedule_reason)
                 for layer, di in units]  # fmt: skip
     if file is not None:
         print(out, file=sys.stdout if file is _STDOUT else file)

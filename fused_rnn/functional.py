@@ -29,11 +29,17 @@ input's device; reproducible under torch.manual_seed):
 Masks are indexed by the batch row of the sorted batch a PackedSequence runs in. In evaluation
 nothing is drawn (zoneout uses its expectation, recurrent dropout is off). A cell call draws (1)
 once per call.
+
+On CUDA the fused backends run the stack's layer-directions concurrently where they are
+independent (fused_rnn._schedule: both directions of a layer at once, or the layers of a
+unidirectional stack as a wavefront of chunks, on CUDA streams); the draws above and their
+order are the same on every schedule, and so, up to rounding, are the results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,12 +48,14 @@ import torch.nn.functional as F
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _ops, _rng, dispatch
+from . import _ops, _rng, _schedule, dispatch
 from .reference import CellWeights
 
 __all__ = ["lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "CellWeights", "gate_count"]
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+_log = logging.getLogger("fused_rnn")
 
 # backend="torch" runs torch's native RNN ops for the standard cells, except under torch.compile /
 # torch.export, where the operators' torch implementation runs (one opaque node per layer and
@@ -169,17 +177,44 @@ def _recurrent_dropout_mask(p: float, h0: Tensor) -> Tensor:
 
 
 def _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths,
-           coupled, run, opts: Options = NO_OPTIONS):  # fmt: skip
+           coupled, run, opts: Options = NO_OPTIONS, backend: str = "torch"):  # fmt: skip
     """The network on a padded sequence x (T, B, I); see reference.stack for the layout.
 
     Random numbers, in this order for each layer: per direction, the recurrent dropout mask of
     that layer-direction (training with recurrent_dropout > 0), then the inter-layer dropout of
     the layer's output (training, dropout > 0, not after the last layer). The zoneout masks take
     none here: they come from opts.rng, drawn once per forward by the caller.
+
+    The layer-directions run on the schedule `_schedule.decide` picks for `backend` (serial,
+    both directions of a layer at once, or the layers of a unidirectional stack as a wavefront
+    of chunks): the same function on every schedule, the same random numbers in the same order
+    (see `_wavefront` for the one difference in how they are drawn), the same results up to
+    rounding (a chunked input GEMM may sum in another order).
     """
     D = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, non_blocking=True)
+    compiling = torch.compiler.is_compiling()
+    capturing = not compiling and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    sched = _schedule.decide(x.device.type, backend, compiling, num_layers, D, x.shape[0],
+                             capturing=capturing)  # fmt: skip
+    if not compiling:
+        dispatch.note_schedule(sched.label(), sched.reason)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s: %d layer(s) x %d direction(s), T=%d, backend %s: schedule %s (%s)",
+                       mode, num_layers, D, x.shape[0], backend, sched.label(),
+                       sched.reason)  # fmt: skip
+    args = (mode, x, h0, c0, weights, num_layers, D, dropout, training, lengths, coupled, run, opts)
+    if sched.name == _schedule.WAVEFRONT:
+        return _wavefront(*args, chunk=sched.chunk)
+    if sched.name == _schedule.DIRECTIONS:
+        return _directions(*args)
+    return _serial(*args)
+
+
+def _serial(mode, x, h0, c0, weights, num_layers, D, dropout, training, lengths, coupled, run,
+            opts):  # fmt: skip
+    """One layer-direction after the other, each a full pass over T, on the current stream."""
     hn, cn = [], []
     layer_in = x
     p_rec = opts.recurrent_dropout if opts.training else 0.0
@@ -200,6 +235,140 @@ def _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout, trainin
         if training and dropout > 0 and layer < num_layers - 1:
             layer_in = F.dropout(layer_in, dropout, training=True)
     return layer_in, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _directions(mode, x, h0, c0, weights, num_layers, D, dropout, training, lengths, coupled,
+                run, opts):  # fmt: skip
+    """Both directions of each layer at once: the reverse one (its input GEMM and its operator
+    call) on a side stream, the forward one on the caller's stream, which waits for the side
+    stream before the layer's outputs are joined. Layers follow one another (module docstring
+    of fused_rnn._schedule: a bidirectional layer needs all of the layer below).
+
+    Random numbers as `_serial`: the two recurrent dropout masks (forward, reverse) are drawn
+    before either direction starts, then the inter-layer dropout, on the caller's stream."""
+    streams = _schedule.streams_for(x.device)
+    here = streams.current(x.device)
+    side = streams.side(x.device, 1)
+    hn, cn = [], []
+    layer_in = x
+    p_rec = opts.recurrent_dropout if opts.training else 0.0
+    for layer in range(num_layers):
+        kf, kr = 2 * layer, 2 * layer + 1
+        drops = [_recurrent_dropout_mask(p_rec, h0[k]) if p_rec > 0 else None for k in (kf, kr)]
+        c0f, c0r = (None, None) if c0 is None else (c0[kf], c0[kr])
+        # the side stream reads what the caller's stream made: layer_in, states, masks, weights
+        streams.wait(side, here)
+        streams.record([layer_in, h0[kr], c0r, drops[1], lengths, opts.rng, *weights[kr]], side)
+        with streams.use(side):
+            gx = _input_gates(mode, layer_in, weights[kr])
+            y_r, h_r, c_r = run(mode, gx, h0[kr], c0r, weights[kr], lengths, True, coupled, kr,
+                                drops[1], opts)  # fmt: skip
+        gx = _input_gates(mode, layer_in, weights[kf])
+        y_f, h_f, c_f = run(mode, gx, h0[kf], c0f, weights[kf], lengths, False, coupled, kf,
+                            drops[0], opts)  # fmt: skip
+        streams.wait(here, side)
+        streams.record([y_r, h_r, c_r], here)  # made on the side stream, read on the caller's
+        hn += [h_f, h_r]
+        cn += [c_f, c_r]
+        layer_in = torch.cat([y_f, y_r], dim=-1)
+        if training and dropout > 0 and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+    return layer_in, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _chunk_rngs(rng: Tensor | None, starts: Tensor) -> Tensor | None:
+    """(n, 2) int64: the zoneout (seed, offset) of each chunk, the chunk's first step t0 in the
+    offset's high word (fused_rnn._rng: the masks' step counter is t + (offset >> 32)), so
+    every chunk draws the masks the whole sequence would draw at its steps."""
+    if rng is None:
+        return None
+    out = rng.to(torch.int64).repeat(starts.shape[0], 1)
+    out[:, 1] += starts << 32
+    return out
+
+
+def _wavefront(mode, x, h0, c0, weights, num_layers, D, dropout, training, lengths, coupled,
+               run, opts, *, chunk: int):  # fmt: skip
+    """A unidirectional stack as a pipeline of chunks (fused_rnn._schedule): layer l on lane l
+    (lane 0 the caller's stream, the others side streams), in chunks of `chunk` steps,
+    layer-major inside a chunk. Chunk c of layer l+1 waits for an event recorded after chunk
+    c of layer l, then computes its own input GEMM from that chunk alone. Each chunk is one
+    operator call from the state the previous chunk left, with the lengths shifted to the chunk
+    ((lengths - t0).clamp(0, K): a sequence that ended before t0 passes its state through);
+    the recurrent dropout mask of a layer is drawn once and passed to all its chunks, and the
+    zoneout masks are those of the whole sequence (`_chunk_rngs`). Layer 0's input GEMM runs
+    once over all steps (its input exists from the start).
+
+    Random numbers: every draw happens up front, on the caller's stream, in `_serial`'s order:
+    per layer, the recurrent dropout mask, then the inter-layer dropout mask, drawn as
+    F.dropout of a tensor of ones shaped and typed like the layer's output (the same draws as
+    F.dropout of the output itself: the mask does not depend on the values), applied chunk by
+    chunk as y * mask. So a fixed seed gives the serial schedule's masks. On CPU F.dropout is
+    input * mask, so the products are bitwise the same; on CUDA torch's fused dropout kernel
+    forms the product itself, and in fp16 / bf16 the two may differ by a rounding.
+    """
+    T, B = x.shape[0], x.shape[1]
+    L, K = num_layers, chunk
+    n = -(-T // K)
+    dev = x.device
+    streams = _schedule.streams_for(dev)
+    lanes = [streams.current(dev)] + [streams.side(dev, lane) for lane in range(1, L)]
+    here = lanes[0]
+
+    p_rec = opts.recurrent_dropout if opts.training else 0.0
+    drops, masks = [], []
+    for layer in range(L):
+        drops.append(_recurrent_dropout_mask(p_rec, h0[layer]) if p_rec > 0 else None)
+        if training and dropout > 0 and layer < L - 1:
+            ones = x.new_ones((T, B, h0.shape[-1]))
+            masks.append(F.dropout(ones, dropout, training=True))
+        else:
+            masks.append(None)
+    starts = torch.arange(n, device=dev, dtype=torch.int64) * K
+    clens = None if lengths is None else (lengths[None, :] - starts[:, None]).clamp_(0, K)
+    rngs = _chunk_rngs(opts.rng, starts)
+    gx0 = _input_gates(mode, x, weights[0])
+
+    for layer in range(1, L):
+        streams.wait(lanes[layer], here)  # states, masks, chunk lengths and rngs, weights
+        streams.record([h0[layer], None if c0 is None else c0[layer], drops[layer],
+                        masks[layer - 1], clens, rngs, *weights[layer]], lanes[layer])  # fmt: skip
+    h = list(h0.unbind(0))
+    c = None if c0 is None else list(c0.unbind(0))
+    ys = [[None] * n for _ in range(L)]
+    ready = [[None] * n for _ in range(L)]
+    for i in range(n):
+        t0, t1 = i * K, min(T, (i + 1) * K)
+        lens = None if clens is None else clens[i]
+        chunk_opts = opts if rngs is None else opts._replace(rng=rngs[i])
+        for layer in range(L):
+            lane = lanes[layer]
+            with streams.use(lane):
+                if layer == 0:
+                    gx = gx0[t0:t1]
+                else:
+                    streams.wait_event(lane, ready[layer - 1][i])
+                    below = ys[layer - 1][i]
+                    streams.record([below], lane)  # made on the lane below
+                    if masks[layer - 1] is not None:
+                        below = below * masks[layer - 1][t0:t1]
+                    gx = _input_gates(mode, below, weights[layer])
+                y, h[layer], c_new = run(
+                    mode, gx, h[layer], None if c is None else c[layer], weights[layer], lens,
+                    False, coupled, layer, drops[layer], chunk_opts,
+                )  # fmt: skip
+                if c is not None:
+                    c[layer] = c_new
+                ys[layer][i] = y
+                if layer < L - 1:
+                    ready[layer][i] = streams.event(lane)
+    for layer in range(1, L):
+        streams.wait(here, lanes[layer])
+        streams.record([h[layer], None if c is None else c[layer]], here)
+    if L > 1:
+        streams.record(ys[L - 1], here)
+    out = ys[L - 1][0] if n == 1 else torch.cat(ys[L - 1], dim=0)
+    return out, torch.stack(h), None if c is None else torch.stack(c)
 
 
 def _autocast_dtype(device: torch.device, mode: str, cell: bool):
@@ -267,8 +436,8 @@ def _run(mode, input, h0, c0, weights, *, num_layers, bidirectional, batch_first
         opts = opts._replace(rng=_rng.draw(x.device))  # once per forward: every layer's masks
     with scope:
         out, hn, cn = _stack(mode, x, h0, c0, weights, num_layers, bidirectional, dropout,
-                             training, lengths, coupled, _recurrence_for(which),
-                             opts)  # fmt: skip
+                             training, lengths, coupled, _recurrence_for(which), opts,
+                             which)  # fmt: skip
     if packed:
         out = pack_padded_sequence(out, lengths).data
     elif batch_first:

@@ -127,7 +127,7 @@ def test_gpu_plan_has_every_stage_and_fits_the_budget():
     plan = gpu_check.plan_tasks(_args(), torch.device("cuda"), "full", 0)
     ids = {c["id"] for t in plan.paths for c in t["checks"]}
     assert ids == {"auto/auto", "autotune/auto"} | {
-        f"{w}/{b}" for w in ("convert", "hvp", "compile", "compile-ro") for b in FUSED
+        f"{w}/{b}" for w in ("convert", "hvp", "compile", "compile-ro", "schedules") for b in FUSED
     }
     assert {c["id"] for t in plan.extras for c in t["checks"]} == {
         f"{w}/{b}" for w in ("ddp", "autocast") for b in FUSED
@@ -291,7 +291,8 @@ def test_tiny_graphs_launches_and_persistent_repeats(tiny):
 def test_tiny_paths(tiny):
     """auto follows a written policy and torch's flags; autotuning times once, writes the cache
     file and hits it; second-order gradients and convert/revert on both fused backends;
-    torch.compile as one graph; reduce-overhead is CUDA only."""
+    torch.compile as one graph; reduce-overhead is CUDA only; the stack schedules (forced) match
+    the serial order."""
     _, out = tiny
     doc = json.loads((out / "correctness.json").read_text())
     paths = {r["id"]: r for r in doc["paths"]}
@@ -318,6 +319,15 @@ def test_tiny_paths(tiny):
     for b in FUSED:
         r = paths[f"compile-ro/{b}"]
         assert r["status"] == "unavailable" and "needs CUDA" in r["message"], r
+        # the schedules, forced off CUDA: the wavefront and both directions at once vs serial
+        r = paths[f"schedules/{b}"]
+        assert r["status"] == "pass" and r["max_rel_err"] <= r["tol"], r
+        sched = r["details"]
+        assert sched["lstm-L2"]["schedules"]["wavefront"] == "wavefront (K=2): forced"
+        assert sched["gru-L1-bi"]["schedules"]["directions"] == "directions: forced"
+        assert sched["lstm-L2"]["schedules"]["chosen"].startswith("serial: cpu tensors")
+        assert sched["lstm-L2"]["vs_serial"]["wavefront"] <= r["tol"]
+        assert sched["lstm-L2-train"]["wavefront_vs_serial"] <= r["tol"]
     extras = {r["id"]: r for r in doc["extras"]}
     assert (
         extras["ddp/stepwise"]["status"] == "pass"

@@ -23,6 +23,7 @@ LAYERS = {
     "fused_rnn.dispatch": 2,
     "fused_rnn._ops": 2,
     "fused_rnn._graphs": 2,
+    "fused_rnn._schedule": 2,  # which layer-directions of a stack run at once, on which streams
     "fused_rnn._loop": 1,
     "fused_rnn._rng": 1,  # the zoneout masks' generator, shared by _loop and functional
     "fused_rnn.reference": 1,
