@@ -8,9 +8,9 @@ grid, the persistent-or-stepwise decision (`choose`, `refusal`) and the cooperat
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
 the stepwise kernels (and `_mm_tile_scaled`, recurrent dropout's), the live-step mask `_live`,
 the zoneout masks (`_zoneout_keep`, `_zoneout_factor`, `_zone`), the layer norm of the
-recurrence (`_ln_rec_kernel` and its helpers), and for the persistent kernels the grid barrier
-`_grid_barrier`, the chunked operands and products (`_k_tiles`, `_dot_tiles`) and the
-gate-stacked tiles' splitting (`_split_gates`, `_diag_sum`).
+recurrence (`_ln_rec_kernel` and its helpers, `_ln_du` for the persistent backward), and for
+the persistent kernels the grid barrier `_grid_barrier`, the chunked operands and products
+(`_k_tiles`, `_dot_tiles`) and the gate-stacked tiles' splitting (`_split_gates`, `_diag_sum`).
 
 Public names here are used by all cells: keep them stable.
 """
@@ -73,10 +73,12 @@ __all__ = [
     "_mm_tile_scaled",
     "LN_EPS",
     "_ln_rec_kernel",
+    "_ln_partials",
     "_ln_stats",
     "_ln_sums",
     "_ln_gate",
     "_mm_tile_ln",
+    "_ln_du",
     "_grid_barrier",
     "_k_tiles",
     "_dot_tiles",
@@ -867,6 +869,19 @@ def _mm_tile_scaled(
 # (`_ln_sums`): LN_hh adds no backward launch (the GRU keeps one per step; the LSTM's LN_c adds
 # a second, for the same reason as in forward).
 #
+# The persistent kernels (one launch; programs own blocks of units for every row and meet at
+# grid barriers) run (c) as phases of a step, a grid barrier before each: forward, the product
+# u of the program's gate rows (into aux, its own columns) with per-row partials (`_ln_partials`,
+# one (programs, B, 2) buffer); barrier; every program merges all partials of its rows
+# (`_ln_stats`, loads ".cg": written by other programs of the same launch) and normalises its
+# own tile. LN_c: the cell phase leaves c̃, o and partials of c̃; barrier; the output phase.
+# Backward: the cell phase leaves da and per-program row sums of γ da, γ da û; barrier; each
+# program forms du = LN_hh'(da) of its own units (`_ln_du`) into a (B, G*H) buffer; the next
+# step's product reads du where it read da (the same bytes: no extra operand traffic). A
+# barrier costs what the barrier costs (bench/NOTES.md models 0.5-1 µs, unmeasured), plus the
+# L2 round trip of the partials read after it (~0.3 µs, estimate): per step, forward and
+# backward alike, +1 barrier for LN_hh and +1 for LN_c.
+#
 # Memory: forward keeps û (T, B, G*H) and rstd (T, B) in fp32, and for the LSTM the mean and
 # rstd of c' (T, B, 2): with the LSTM's gates that is about twice the saved activations of a
 # plain layer. Keeping the raw u instead would cost the same in fp32 (in fp16 / bf16 the
@@ -913,41 +928,52 @@ def _ln_rec_kernel(
         b_u = _mm_tile(b_u, w_hh, p_h, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC, BLOCK_K)
     m_nb = m_n[:, None] & m_b[None, :]
     tl.store(lnb + t.to(tl.int64) * TS + o_b[None, :] * LD + o_n[:, None], b_u, mask=m_nb)
-    n_p = tl.minimum(N - i_n * BLOCK_N, BLOCK_N).to(ACC)
+    n_p = tl.minimum(N - i_n * BLOCK_N, BLOCK_N)
+    _ln_partials(b_u, m_nb, n_p, part + (i_n * B + o_b) * 2, m_b)
+
+
+@triton.jit
+def _ln_partials(b_u, m_nb, n_p, p_part, m_b):
+    """Stores the mean and M2 (sum of squared deviations) over the n_p valid rows (m_nb) of each
+    column of b_u (N, BLOCK_B) at p_part, p_part + 1 (p_part: (BLOCK_B,) pointers into an
+    (n_blocks, B, 2) buffer): one block's partial statistics per batch row (`_ln_stats` merges
+    them)."""
+    n_p = n_p.to(b_u.dtype)
     b_mean = tl.sum(tl.where(m_nb, b_u, 0.0), axis=0) / n_p
     b_dev = tl.where(m_nb, b_u - b_mean[None, :], 0.0)
-    p_part = part + (i_n * B + o_b) * 2
     tl.store(p_part, b_mean, mask=m_b)
     tl.store(p_part + 1, tl.sum(b_dev * b_dev, axis=0), mask=m_b)
 
 
 @triton.jit
-def _ln_stats(part, o_b, m_b, B, N, n_blocks, block_n, ACC: tl.constexpr):
+def _ln_stats(part, o_b, m_b, B, N, n_blocks, block_n, ACC: tl.constexpr, CACHE: tl.constexpr = ""):
     """(mean, rstd) (BLOCK_B,) in ACC of rows o_b over N values, from the per-block (mean, M2)
-    partials of `_ln_rec_kernel` (n_blocks blocks of block_n values, the last one short)."""
+    partials of `_ln_partials` (n_blocks blocks of block_n values, the last one short). CACHE:
+    the loads' cache modifier (".cg" where other programs of the same launch wrote them)."""
     b_sum = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_blocks):
         n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
-        b_sum += n_p * tl.load(part + (p * B + o_b) * 2, mask=m_b, other=0.0)
+        b_sum += n_p * tl.load(part + (p * B + o_b) * 2, mask=m_b, other=0.0, cache_modifier=CACHE)
     b_mean = b_sum / N
     b_m2 = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_blocks):
         n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
         p_part = part + (p * B + o_b) * 2
-        b_d = tl.load(p_part, mask=m_b, other=0.0) - b_mean
-        b_m2 += tl.load(p_part + 1, mask=m_b, other=0.0) + n_p * b_d * b_d
+        b_d = tl.load(p_part, mask=m_b, other=0.0, cache_modifier=CACHE) - b_mean
+        b_m2 += tl.load(p_part + 1, mask=m_b, other=0.0, cache_modifier=CACHE) + n_p * b_d * b_d
     return b_mean, 1.0 / tl.sqrt(b_m2 / N + _LN_EPS)
 
 
 @triton.jit
-def _ln_sums(pb, o_b, m_b, B, n_parts, ACC: tl.constexpr):
-    """Two (BLOCK_B,) sums over n_parts per-program partials at pb ((n_parts, B, 2))."""
+def _ln_sums(pb, o_b, m_b, B, n_parts, ACC: tl.constexpr, CACHE: tl.constexpr = ""):
+    """Two (BLOCK_B,) sums over n_parts per-program partials at pb ((n_parts, B, 2)); CACHE as
+    `_ln_stats`'."""
     b_s1 = tl.zeros([o_b.shape[0]], dtype=ACC)
     b_s2 = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_parts):
         p_pb = pb + (p * B + o_b) * 2
-        b_s1 += tl.load(p_pb, mask=m_b, other=0.0)
-        b_s2 += tl.load(p_pb + 1, mask=m_b, other=0.0)
+        b_s1 += tl.load(p_pb, mask=m_b, other=0.0, cache_modifier=CACHE)
+        b_s2 += tl.load(p_pb + 1, mask=m_b, other=0.0, cache_modifier=CACHE)
     return b_s1, b_s2
 
 
@@ -1001,6 +1027,25 @@ def _mm_tile_ln(
         b_du = tl.where(m_x, b_du, 0.0)
         b_acc = _dot(b_a, b_du.to(b_a.dtype), b_acc, DOT_PREC)
     return b_acc
+
+
+@triton.jit
+def _ln_du(du, p_dv, p_uh, gam, b_s1, b_s2, b_rstd, o_h, m_h, o_b, m_b, N, LD_V, LD_U,
+           G: tl.constexpr, H, ACC: tl.constexpr):  # fmt: skip
+    """du = rstd (γ ⊙ dv - s1 - û s2), the gradient of a layer norm's input, for units o_h of
+    every gate block g < G (columns g H + o_h) of rows o_b, stored into du ((B, N) row-major,
+    cast to its dtype): a persistent backward's operand of the next step's product, the
+    stepwise `_mm_tile_ln`'s per chunk. dv (the gradient of LN's output) at p_dv + b LD_V + n,
+    û (ACC) at p_uh + b LD_U + n, γ at gam + n; b_s1, b_s2 (BLOCK_B,) the row means of γ ⊙ dv
+    and γ ⊙ dv ⊙ û, b_rstd (BLOCK_B,) the rows' rstd."""
+    m_hb = m_h[:, None] & m_b[None, :]
+    for g in tl.static_range(G):
+        o_n = g * H + o_h
+        b_dv = tl.load(p_dv + o_b[None, :] * LD_V + o_n[:, None], mask=m_hb, other=0.0)
+        b_uh = tl.load(p_uh + o_b[None, :] * LD_U + o_n[:, None], mask=m_hb, other=0.0)
+        b_g = tl.load(gam + o_n, mask=m_h, other=0.0).to(ACC)[:, None]
+        b_du = b_rstd[None, :] * (b_g * b_dv.to(ACC) - b_s1[None, :] - b_uh * b_s2[None, :])
+        tl.store(du + o_b[None, :] * N + o_n[:, None], b_du.to(du.dtype.element_ty), mask=m_hb)
 
 
 @triton.jit

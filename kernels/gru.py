@@ -61,21 +61,25 @@ ws is only written when a gradient is needed. Backward writes dgx (T, B, G*H) in
 (it is both the returned gradient and, for the r, z (or RNN) blocks, dgh) and for the GRU dhn
 (T, B, H), the n block of dgh (persistent: the n block of the (T, B, 3H) dgh slab).
 
-Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+Options (both strategies, the same buffers: either backward accepts either forward):
     zoneout     h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃_t (Krueger et al. 2016), d the 0/1 Philox masks
                 of _common._zoneout_keep (drawn again in backward) in training, the probability
                 in evaluation; y_t = h_t. Backward: (1 - d) ⊙ dh enters the cell, d ⊙ dh joins
                 carry. The RNN's backward needs act'(h̃), which the zoned state no longer shows:
                 with zoneout it keeps h̃ in ws (T, B, H).
     recurrent dropout   h ⊙ m meets W_hh, m (B, H) of 0 and 1/(1-p) per sequence (Gal &
-                Ghahramani 2016), in all three GRU products; the carry z ⊙ h keeps h.
+                Ghahramani 2016), in all three GRU products; the carry z ⊙ h keeps h. The
+                persistent forward's programs that form h_t also store h_t ⊙ m (the (2, B, H)
+                buffer hd, by step parity), which the next step's product reads in place of h.
     layer norm  (GRU) a = γ ⊙ û + [0 | 0 | b_hn], û = LN(h W_hh^T) over the row's 3H values
-                (Ba, Kiros & Hinton 2016; kernels/_common.py, "layer norm"): phase 1
-                `_common._ln_rec_kernel` then the step kernel, two launches per step; aux
-                (T, B, 3H + 1) fp32: û | rstd. Backward stays one launch per step: it forms
+                (Ba, Kiros & Hinton 2016; kernels/_common.py, "layer norm"); aux (T, B, 3H + 1)
+                fp32: û | rstd. Stepwise: phase 1 `_common._ln_rec_kernel` then the step kernel,
+                two launches per step; backward stays one launch per step: it forms
                 du = LN'(dgh) inside the product from per-program row sums the previous launch
                 left (two slots by step parity, as one launch reads one step's and writes the
-                next's).
+                next's). Persistent: two phases and two grid barriers per step both ways, the
+                second after every program's partials are written; the backward's second phase
+                forms du of its units (`_common._ln_du`), which the next step's product reads.
 """
 
 from __future__ import annotations
@@ -90,7 +94,9 @@ from ._common import (
     _grid_barrier,
     _k_tiles,
     _live,
+    _ln_du,
     _ln_gate,
+    _ln_partials,
     _ln_rec_kernel,
     _ln_stats,
     _ln_sums,
@@ -529,17 +535,9 @@ def _bwd_step_kernel(
                 b_carry = tl.where(m_live, b_carry + b_d * b_tot, b_dh)
             if HAS_LN:  # this program's row sums of γ dgh and γ dgh û, for the next launch
                 p_xh = lnb + i_t * B * LD + o_b[None, :] * LD + o_h[:, None]
-                b_v0 = tl.load(ln_hh + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_d0
-                b_vz = tl.load(ln_hh + H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dz
-                b_vn = tl.load(ln_hh + 2 * H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dhn
-                b_p1 = tl.where(m_hb, b_v0 + b_vz + b_vn, 0.0)
-                b_p2 = b_v0 * tl.load(p_xh, mask=m_hb, other=0.0)
-                b_p2 += b_vz * tl.load(p_xh + H, mask=m_hb, other=0.0)
-                b_p2 += b_vn * tl.load(p_xh + 2 * H, mask=m_hb, other=0.0)
-                b_p2 = tl.where(m_hb, b_p2, 0.0)
                 p_pb = pb + ((t % 2) * tl.num_programs(0) * B + i_h * B + o_b) * 2
-                tl.store(p_pb, tl.sum(b_p1, axis=0), mask=m_b)
-                tl.store(p_pb + 1, tl.sum(b_p2, axis=0), mask=m_b)
+                _gru_ln_partials(p_pb, ln_hh, p_xh, o_h, m_h, m_b, m_hb, b_d0, b_dz, b_dhn, H,
+                                 ACC)  # fmt: skip
         else:
             b_carry = _gru_bwd_step(
                 b_dh, b_dy, b_r, b_z, b_n, b_hn, b_h, m_live, dgx + i_t * B * G * H + o_bg, dhn,
@@ -550,11 +548,49 @@ def _bwd_step_kernel(
         tl.store(dh0 + o_bh, b_dh.to(dh0.dtype.element_ty), mask=m_hb)
 
 
+@triton.jit
+def _gru_fwd_out(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs, y, ws, hd, drop, rng, t, i_t,
+                 s_out, slot_out, o_h, o_b, m_hb, B, H, z_stream, z_h, thr_h, CELL: tl.constexpr,
+                 ACC: tl.constexpr, STORE_WS: tl.constexpr, HAS_RNG: tl.constexpr,
+                 ZONE_H: tl.constexpr, HAS_DROP: tl.constexpr):  # fmt: skip
+    """A persistent forward step's cell for units o_h of rows o_b, from the input gates g, the
+    recurrent pre-activations a (a_n with b_hn) and h_{t-1} = b_h (hs's dtype): h' (zoned with
+    h_{t-1}: ZONE_H) into slot s_out of hs, y_t, ws (GRU: r | z | n | hn; the RNN with zoneout
+    its h̃, which backward's act' needs) and, with recurrent dropout, h' ⊙ mask into slot
+    slot_out of hd (what the next step's product reads)."""
+    o_bh = o_b[None, :] * H + o_h[:, None]
+    p_hout = hs + s_out * B * H + o_bh
+    o_ws = i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None]
+    if ZONE_H:
+        b_hnew, b_r, b_z, b_n = _gru_cell(b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h.to(ACC), CELL)
+        if STORE_WS:
+            if CELL == 0:
+                _gru_store_ws(ws + o_ws, b_r, b_z, b_n, b_an, m_hb, H)
+            else:
+                tl.store(ws + i_t * B * H + o_bh, b_hnew, mask=m_hb)
+        b_hnew = _zone(b_h, b_hnew, rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG)
+        b_hnew = b_hnew.to(hs.dtype.element_ty)
+        b_st = tl.where(m_live, b_hnew, b_h)
+        tl.store(p_hout, b_st, mask=m_hb)
+        tl.store(y + i_t * B * H + o_bh, tl.where(m_live, b_hnew, 0.0), mask=m_hb)
+    else:
+        b_st = _gru_fwd_step(
+            b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, p_hout, y + i_t * B * H + o_bh, ws,
+            o_ws, m_hb, H, CELL, ACC, STORE_WS,
+        )  # fmt: skip
+    if HAS_DROP:
+        b_s = tl.load(drop + o_bh, mask=m_hb, other=0.0)
+        p_hd = hd + slot_out * B * H + o_bh
+        tl.store(p_hd, (b_st.to(b_s.dtype) * b_s).to(hd.dtype.element_ty), mask=m_hb)
+
+
 @triton.heuristics(
     {
         "HAS_B_HN": lambda a: a["b_hn"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "STORE_WS": lambda a: a["ws"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit
@@ -565,10 +601,21 @@ def _fwd_persistent_kernel(
     b_hn,  # (H,) or None: the GRU's b_hh n block
     lengths,  # (B,) int64 or None
     y,  # (T, B, H) output
-    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward
+    ws,  # (T, B, 4*H) ACC or None: GRU r | z | n | hn for backward; RNN with zoneout (T, B, H) h̃
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, H) ACC: recurrent dropout's mask on h where it meets W_hh, or None
+    hd,  # (2, B, H) input dtype, with drop: h ⊙ mask; slot s % 2 holds the state entering
+    #      processing step s (slot 0 written by the launcher), read back by all programs
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (GRU; its bias is in gx and b_hn)
+    aux,  # (T or 1, B, G*H + 1) ACC, layer norm: u (own columns) -> û in place, rstd at G*H
+    part,  # (programs, B, 2) ACC, layer norm: each program's mean and M2 of its values of u
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability (ZONE_H: > 0), the expectation's weight in evaluation
+    thr_h,  # int32 threshold of the masks (_common.zoneout_threshold)
+    ln_ts,  # step stride of aux: B * (G*H + 1), or 0 (one slot reused: no backward)
     H: tl.constexpr,
     CELL: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -580,15 +627,25 @@ def _fwd_persistent_kernel(
     HAS_B_HN: tl.constexpr,
     HAS_LEN: tl.constexpr,
     STORE_WS: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
 ):
     """The whole forward sequence; program i_u owns units o_h for every sequence and keeps
-    their rows of W_hh on chip. Barrier s waits for s * num_programs arrivals.
+    their rows of W_hh on chip. Barrier k (1-based) waits for k * num_programs arrivals.
 
     Step: one (GP BLOCK_U, H) x (H, BLOCK_B) product of the units' rows of W_r, W_z, W_n and a
     zero block, interleaved (GRU, GP = 4, row 4 u + g), or of W (RNN, GP = 1) with h_{t-1}^T,
-    split into gate tiles."""
+    split into gate tiles. Layer norm (GRU): a second phase per step, after a barrier, merges
+    every program's partial statistics of the rows' 3H products and normalises. Zoneout is
+    element-wise where h is formed; recurrent dropout: the programs that form h_t also store
+    h_t ⊙ mask (hd), which the next step's product reads in place of h."""
     G: tl.constexpr = 3 if CELL == 0 else 1
     GP: tl.constexpr = 4 if CELL == 0 else 1  # gate blocks on M (the GRU's 4th is zero)
+    LD: tl.constexpr = G * H + 1  # row stride of aux
+    PH: tl.constexpr = 2 if HAS_LN else 1  # barriers per step
+    N_U: tl.constexpr = (H + BLOCK_U - 1) // BLOCK_U  # programs owning units (their partials)
     i_u = tl.program_id(0)
     n_prog = tl.num_programs(0)
     o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -599,12 +656,15 @@ def _fwd_persistent_kernel(
     o_m = tl.arange(0, GP * BLOCK_U)
     o_mg = o_m % GP
     o_mu = i_u * BLOCK_U + o_m // GP
-    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * H, (o_mg < G) & (o_mu < H), 1, H, MAX_K, False, "")
+    m_m = (o_mg < G) & (o_mu < H)
+    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * H, m_m, 1, H, MAX_K, False, "")
     if CELL == 0:
         if HAS_B_HN:
             b_bhn = tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
         else:
             b_bhn = tl.zeros([BLOCK_U, 1], dtype=ACC)
+    # values of u a batch row has in this program
+    n_own = G * tl.minimum(H - i_u * BLOCK_U, BLOCK_U)
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
     for s in tl.range(0, T, num_stages=1):
@@ -612,47 +672,121 @@ def _fwd_persistent_kernel(
         i_t = t.to(tl.int64)
         s_in = i_t + 1 if REVERSE else i_t
         s_out = i_t if REVERSE else i_t + 1
+        slot_in = s % 2  # hd: the slot holding h_{t-1} ⊙ mask, and the one h_t's goes to
+        slot_out = 1 - slot_in
+        if HAS_DROP:
+            p_h = hd + slot_in * B * H
+        else:
+            p_h = hs + s_in * B * H
         if s > 0:
-            _grid_barrier(cnt, s * n_prog)  # h_{t-1} of every unit is written
+            _grid_barrier(cnt, PH * s * n_prog)  # h_{t-1} of every unit is written
         for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
             o_b = b0 + tl.arange(0, BLOCK_B)
             m_b = o_b < B
-            m_hb = m_h[:, None] & m_b[None, :]
-            o_bh = o_b[None, :] * H + o_h[:, None]
-            o_bg = o_b[None, :] * (G * H) + o_h[:, None]
-            # every load of the step before the product: this program's own data (gx_t, its
-            # units' h_{t-1}) and h_{t-1} of all units (the others', from L2)
-            b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
-            b_h = tl.load(hs + s_in * B * H + o_bh, mask=m_hb, other=0.0)
-            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-            b_ht = _k_tiles(hs + s_in * B * H + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
-            b_a = _dot_tiles(b_w, b_ht, tl.zeros([GP * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
-            if CELL == 0:
-                b_a0, b_az, b_an, _ = _split_gates(b_a, BLOCK_U)
-                b_an += b_bhn
+            if HAS_LN:
+                # u = (h ⊙ mask) W_hh^T for the units' gate rows, into aux (normalised in the
+                # next phase), with its partial statistics per batch row
+                b_ht = _k_tiles(p_h + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
+                b_u = _dot_tiles(b_w, b_ht, tl.zeros([GP * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+                m_u = m_m[:, None] & m_b[None, :]
+                o_u = o_b[None, :] * LD + (o_mg * H + o_mu)[:, None]
+                tl.store(aux + i_t * ln_ts + o_u, b_u, mask=m_u)
+                _ln_partials(b_u, m_u, n_own, part + (i_u * B + o_b) * 2, m_b)
             else:
-                b_a0, b_az, b_an = b_a, b_a, b_a  # the RNN has one gate block
-            _gru_fwd_step(
-                b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs + s_out * B * H + o_bh,
-                y + i_t * B * H + o_bh, ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-                m_hb, H, CELL, ACC, STORE_WS,
-            )  # fmt: skip
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_bh = o_b[None, :] * H + o_h[:, None]
+                o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+                # every load of the step before the product: this program's own data (gx_t,
+                # its units' h_{t-1}) and h_{t-1} of all units (the others', from L2)
+                b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
+                b_h = tl.load(hs + s_in * B * H + o_bh, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                b_ht = _k_tiles(p_h + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
+                b_a = _dot_tiles(b_w, b_ht, tl.zeros([GP * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+                if CELL == 0:
+                    b_a0, b_az, b_an, _ = _split_gates(b_a, BLOCK_U)
+                    b_an += b_bhn
+                else:
+                    b_a0, b_az, b_an = b_a, b_a, b_a  # the RNN has one gate block
+                _gru_fwd_out(
+                    b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs, y, ws, hd, drop, rng, t,
+                    i_t, s_out, slot_out, o_h, o_b, m_hb, B, H, z_stream, z_h, thr_h, CELL, ACC,
+                    STORE_WS, HAS_RNG, ZONE_H, HAS_DROP,
+                )  # fmt: skip
+        if HAS_LN:
+            _grid_barrier(cnt, (PH * s + 1) * n_prog)  # u's partials of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_bh = o_b[None, :] * H + o_h[:, None]
+                o_bg = o_b[None, :] * (G * H) + o_h[:, None]
+                b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
+                b_h = tl.load(hs + s_in * B * H + o_bh, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, N_U, G * BLOCK_U, ACC, ".cg")
+                # a_g = γ_g ⊙ û_g, û = (u - mean) rstd stored back for backward; b_hn after it
+                p_u = aux + i_t * ln_ts + o_b[None, :] * LD + o_h[:, None]
+                b_a0 = _ln_gate(p_u, ln_hh + o_h, m_h, m_hb, b_mean, b_rstd)
+                b_az = _ln_gate(p_u + H, ln_hh + H + o_h, m_h, m_hb, b_mean, b_rstd)
+                b_an = _ln_gate(p_u + 2 * H, ln_hh + 2 * H + o_h, m_h, m_hb, b_mean, b_rstd)
+                b_an += b_bhn
+                if i_u == 0:
+                    tl.store(aux + i_t * ln_ts + o_b * LD + G * H, b_rstd, mask=m_b)
+                _gru_fwd_out(
+                    b_g0, b_gz, b_gn, b_a0, b_az, b_an, b_h, m_live, hs, y, ws, hd, drop, rng, t,
+                    i_t, s_out, slot_out, o_h, o_b, m_hb, B, H, z_stream, z_h, thr_h, CELL, ACC,
+                    STORE_WS, HAS_RNG, ZONE_H, HAS_DROP,
+                )  # fmt: skip
 
 
-@triton.heuristics({"HAS_LEN": lambda a: a["lengths"] is not None})
+@triton.jit
+def _gru_ln_partials(p_pb, ln_hh, p_xh, o_h, m_h, m_b, m_hb, b_d0, b_dz, b_dhn, H,
+                     ACC: tl.constexpr):  # fmt: skip
+    """Stores at p_pb ((BLOCK_B,) pointers into a (programs, B, 2) buffer) the row sums over
+    units o_h of γ dgh and γ dgh û, dgh = dr | dz | dhn (ACC) the gradient of LN_hh's output;
+    p_xh: û of the tile (ACC, row stride of aux)."""
+    b_v0 = tl.load(ln_hh + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_d0
+    b_vz = tl.load(ln_hh + H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dz
+    b_vn = tl.load(ln_hh + 2 * H + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_dhn
+    b_p1 = tl.where(m_hb, b_v0 + b_vz + b_vn, 0.0)
+    b_p2 = b_v0 * tl.load(p_xh, mask=m_hb, other=0.0)
+    b_p2 += b_vz * tl.load(p_xh + H, mask=m_hb, other=0.0)
+    b_p2 += b_vn * tl.load(p_xh + 2 * H, mask=m_hb, other=0.0)
+    b_p2 = tl.where(m_hb, b_p2, 0.0)
+    tl.store(p_pb, tl.sum(b_p1, axis=0), mask=m_b)
+    tl.store(p_pb + 1, tl.sum(b_p2, axis=0), mask=m_b)
+
+
+@triton.heuristics(
+    {
+        "HAS_LEN": lambda a: a["lengths"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        **_OPTION_HEURISTICS,
+    }
+)
 @triton.jit
 def _bwd_persistent_kernel(
     dy,  # (T, B, H) gradient of y
     hs,  # (T+1, B, H) states in time order (forward's)
-    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; None for the RNN
+    ws,  # (T, B, 4*H) ACC, GRU: r | z | n | hn; the RNN's (T, B, H) h̃ with zoneout, else None
     w_hh,  # (G*H, H) row-major
     lengths,  # (B,) int64 or None
     carry,  # (B, H) ACC, in/out: dh_T; on exit the part of dh_0 that skips W_hh
     dgx,  # (T, B, G*H) out: dgx of every step (the RNN's is dgh, read back by all programs)
     dgh,  # (T, B, 3*H) out, GRU: dr | dz | dhn of every step, read back by all; None for the RNN
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, H) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm, GRU)
+    aux,  # (T, B, G*H + 1) ACC, layer norm: forward's û and rstd
+    pb,  # (programs, B, 2) ACC, layer norm: each program's row sums of γ dgh and γ dgh û
+    du,  # (B, G*H) input dtype, layer norm: LN_hh'(dgh) of the step just done, read back by all
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_h,  # zoneout probability
+    thr_h,  # int32 threshold of the masks
     H: tl.constexpr,
     CELL: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -662,17 +796,28 @@ def _bwd_persistent_kernel(
     BLOCK_B: tl.constexpr,  # sequences per product: the batch is looped over in such chunks
     MAX_K: tl.constexpr,  # widest chunk of a reduction (_common.k_chunks)
     HAS_LEN: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
 ):
     """The whole reverse sequence; program i_u owns units o_h for every sequence and keeps
     columns o_h of W_hh on chip; carry between steps lives in its buffer. dh_0 = carry +
-    dgh_{t0} W_hh is left to the caller (one GEMM).
+    dgh_{t0} W_hh (layer norm: du_{t0}, left in du; ⊙ the dropout mask) is left to the caller.
 
     Step: dh[:, o_h] = carry + Σ_g dgh_g W_g[:, o_h]: the GRU's as one (4 BLOCK_U, H) x
     (H, 4 BLOCK_B) product, W_g^T's rows o_h interleaved on M and dgh's blocks (dr | dz | dhn |
     0) side by side on N, summed over its diagonal blocks (_diag_sum); the RNN's one block
-    plain. The GRU writes dgh whole (dr, dz as in dgx) so that the next step reads one slab."""
+    plain. The GRU writes dgh whole (dr, dz as in dgx) so that the next step reads one slab.
+    Recurrent dropout multiplies the product by the mask; zoneout splits the gradient of h'
+    into (1 - d) ⊙ it, the cell's, and d ⊙ it, added to carry. Layer norm (GRU): a second phase
+    per step, after a barrier, forms du = LN_hh'(dgh) of the program's units from every
+    program's row sums; the next step's product runs over du instead of dgh."""
     G: tl.constexpr = 3 if CELL == 0 else 1
     GP: tl.constexpr = 4 if CELL == 0 else 1
+    LD: tl.constexpr = G * H + 1  # row stride of aux
+    PH: tl.constexpr = 2 if HAS_LN else 1  # barriers per step
+    N_U: tl.constexpr = (H + BLOCK_U - 1) // BLOCK_U  # programs owning units (their sums)
     i_u = tl.program_id(0)
     n_prog = tl.num_programs(0)
     o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -696,7 +841,7 @@ def _bwd_persistent_kernel(
         s_in = i_t + 1 if REVERSE else i_t
         s_out = i_t if REVERSE else i_t + 1
         if k > 0:
-            _grid_barrier(cnt, k * n_prog)  # dgh_{t_next} of every unit is written
+            _grid_barrier(cnt, PH * k * n_prog)  # dgh_{t_next} (du) of every unit is written
         for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
             o_b = b0 + tl.arange(0, BLOCK_B)
             m_b = o_b < B
@@ -708,28 +853,44 @@ def _bwd_persistent_kernel(
             # units (the others', from L2)
             m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
             b_dy = tl.load(dy + i_t * B * H + o_bh, mask=m_hb, other=0.0).to(ACC)
+            p_hnew = hs + s_out * B * H + o_bh
+            if ZONE_H and CELL != 0:
+                p_hnew = ws + i_t * B * H + o_bh  # the RNN's h̃ (hs holds the zoned state)
             b_r, b_z, b_n, b_hn, b_h = _gru_load_saved(
                 ws, i_t * B * 4 * H + o_b[None, :] * (4 * H) + o_h[:, None],
-                hs + s_in * B * H + o_bh, hs + s_out * B * H + o_bh, m_hb, H, CELL, ACC,
+                hs + s_in * B * H + o_bh, p_hnew, m_hb, H, CELL, ACC,
             )  # fmt: skip
             b_dh = tl.load(carry + o_bh, mask=m_hb, other=0.0)
-            # dgh_{t_next} (nothing at k = 0: the loads are masked off, the product is zero)
+            # dgh_{t_next} (layer norm: du; nothing at k = 0: the loads are masked off, the
+            # product is zero)
             i_n = (t - 1 if REVERSE else t + 1).to(tl.int64)
             o_nbb = b0 + o_nb
             m_n = (o_nbb < B) & (o_ng < G) & (k > 0)
-            p_dg = (dgh if CELL == 0 else dgx) + i_n * B * G * H + o_nbb * (G * H) + o_ng * H
+            if HAS_LN:
+                p_dg = du + o_nbb * (G * H) + o_ng * H
+            else:
+                p_dg = (dgh if CELL == 0 else dgx) + i_n * B * G * H + o_nbb * (G * H) + o_ng * H
             b_dg = _k_tiles(p_dg, m_n, 1, H, MAX_K, True, ".cg")
             b_acc = tl.zeros([GP * BLOCK_U, GP * BLOCK_B], dtype=ACC)
             b_acc = _dot_tiles(b_wt, b_dg, b_acc, DOT_PREC)
             if CELL == 0:
-                b_dh += _diag_sum(b_acc, BLOCK_U, BLOCK_B)
+                b_rec = _diag_sum(b_acc, BLOCK_U, BLOCK_B)
             else:
-                b_dh += b_acc
+                b_rec = b_acc
+            if HAS_DROP:  # W_hh met h ⊙ mask
+                b_rec *= tl.load(drop + o_bh, mask=m_hb, other=0.0)
+            b_dh += b_rec
             # _gru_bwd_step, with dhn into dgh's n block and dr, dz also into dgh
-            b_dh += tl.where(m_live, b_dy, 0.0)
+            b_tot = b_dh + tl.where(m_live, b_dy, 0.0)
+            b_cell = b_tot
+            if ZONE_H:
+                b_d = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_h, thr_h, 0, HAS_RNG, ACC)
+                b_cell = (1.0 - b_d) * b_tot
             b_d0, b_dz, b_dn, b_dhn, b_carry = _gru_cell_bwd(
-                b_dh, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
+                b_cell, b_r, b_z, b_n, b_hn, b_h, m_live, CELL
             )
+            if ZONE_H:
+                b_carry = tl.where(m_live, b_carry + b_d * b_tot, b_dh)
             o_dg = i_t * B * G * H + o_bg
             if CELL == 0:
                 _gru_store_dgx(dgx + o_dg, dgh + 2 * H, o_dg, b_d0, b_dz, b_dn, b_dhn, m_hb, H, 0)
@@ -738,6 +899,20 @@ def _bwd_persistent_kernel(
             else:
                 _gru_store_dgx(dgx + o_dg, None, o_dg, b_d0, b_dz, b_dn, b_dhn, m_hb, H, CELL)
             tl.store(carry + o_bh, b_carry, mask=m_hb)
+            if HAS_LN:  # this program's row sums of γ dgh and γ dgh û, for du
+                p_xh = aux + i_t * B * LD + o_b[None, :] * LD + o_h[:, None]
+                _gru_ln_partials(pb + (i_u * B + o_b) * 2, ln_hh, p_xh, o_h, m_h, m_b, m_hb,
+                                 b_d0, b_dz, b_dhn, H, ACC)  # fmt: skip
+        if HAS_LN:
+            _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dgh's row sums of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                b_s1, b_s2 = _ln_sums(pb, o_b, m_b, B, N_U, ACC, ".cg")
+                p_aux = aux + i_t * B * LD
+                b_rstd = tl.load(p_aux + o_b * LD + G * H, mask=m_b, other=0.0)
+                _ln_du(du, dgh + i_t * B * G * H, p_aux, ln_hh, b_s1 / (G * H), b_s2 / (G * H),
+                       b_rstd, o_h, m_h, o_b, m_b, G * H, G * H, LD, G, H, ACC)  # fmt: skip
 
 
 # =========================================================================== launchers
@@ -770,15 +945,43 @@ def _persistent_tiles(B: int, H: int, cell: int, x, backward: bool):
     return persistent_tile_choices(H, B, G=G, elt=x.element_size(), backward=backward, props=props)
 
 
-def _has_options(rng, zoneout, drop, ln_hh) -> bool:
-    """Whether a call uses zoneout, recurrent dropout or layer norm."""
-    return rng is not None or zoneout > 0 or drop is not None or ln_hh is not None
-
-
 def _option_args(rng, zoneout, stream, drop) -> dict:
-    """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout."""
+    """Keyword arguments of the kernels (both strategies) for zoneout and recurrent dropout."""
     z = float(zoneout)
     return dict(rng=rng, drop=drop, z_stream=int(stream), z_h=z, thr_h=zoneout_threshold(z))
+
+
+def _check_ln(cell: int, ln_hh) -> None:
+    if ln_hh is not None and cell != CELL_GRU:
+        raise ValueError("layer norm of the recurrence is the GRU's and the LSTM's, not the RNN's")
+
+
+def _barriers(T: int, per_step: int) -> int:
+    """Grid barriers a persistent launch crosses: per_step each step, none before the first."""
+    return per_step * T - 1
+
+
+def _gru_fwd_persistent(gx, hs, w_hh, b_hn, lengths, y, ws, reverse, kw, rng, zoneout, stream,
+                        drop, ln_hh, aux) -> bool:  # fmt: skip
+    """One persistent launch over the sequence; False (nothing run) if it cannot run safely.
+    `aux`: layer norm's (T or 1, B, 3H + 1) buffer (one slot reused without a backward)."""
+    T, B, GH = gx.shape
+    H = hs.shape[-1]
+    tiles = _persistent_tiles(B, H, kw["CELL"], gx, backward=False)
+    acc = acc_dtype(gx.dtype)
+    hd = part = None
+    if drop is not None:  # h0 ⊙ mask: what the first step's product reads
+        hd = torch.empty((2, B, H), dtype=gx.dtype, device=gx.device)
+        hd[0] = (hs[T if reverse else 0].to(acc) * drop).to(gx.dtype)
+    if ln_hh is not None:
+        part = torch.empty((tiles[0].programs, B, 2), dtype=acc, device=gx.device)
+    ts = B * (GH + 1) if aux is not None and aux.shape[0] == T else 0
+    return launch_persistent(
+        _fwd_persistent_kernel, tiles, barriers=_barriers(T, 1 if ln_hh is None else 2),
+        device=gx.device, gx=gx, hs=hs, w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws,
+        hd=hd, ln_hh=ln_hh, aux=aux, part=part, T=T, B=B, ln_ts=ts, H=H, REVERSE=reverse, **kw,
+        **_option_args(rng, zoneout, stream, drop),
+    )  # fmt: skip
 
 
 def _ln_phase1(hs, w_hh, drop, lnb, B, N, R, LD, ts, dt, acc):
@@ -806,14 +1009,13 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout
     RNN with zoneout and `store`: (T, B, H), its unzoned h̃), and with layer norm a fourth
     element aux (T, B, 3H + 1) [û | rstd] (None without `store`).
 
-    Options (stepwise kernels only): zoneout of h (masks from `rng` (2,) int64 in training, the
-    expectation without it) in layer-direction `stream`, recurrent dropout's (B, H) mask `drop`
-    in the accumulation dtype, layer norm of the GRU's recurrent product with gains `ln_hh`
-    (two launches per step: `_common._ln_rec_kernel`, then the step kernel).
+    Options: zoneout of h (masks from `rng` (2,) int64 in training, the expectation without it)
+    in layer-direction `stream`, recurrent dropout's (B, H) mask `drop` in the accumulation
+    dtype, layer norm of the GRU's recurrent product with gains `ln_hh` (stepwise: two launches
+    per step, `_common._ln_rec_kernel`, then the step kernel; persistent: two phases a step).
     persistent=True: one persistent launch when it can run safely, else one launch per step.
     """
-    # the persistent kernels have none of the options: the stepwise loop runs them
-    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
+    _check_ln(cell, ln_hh)
     T, B, GH = gx.shape
     H = h0.shape[1]
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
@@ -823,20 +1025,18 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout
     ws = new_output((T, B, 4 * H), acc, gx.device) if store and cell == CELL_GRU else None
     if store and cell != CELL_GRU and zoneout > 0:
         ws = new_output((T, B, H), acc, gx.device)
+    lnb = None
+    if ln_hh is not None:  # without a backward one slot serves every step
+        lnb = new_output((T if store else 1, B, GH + 1), acc, gx.device)
+    done = (y, hs, ws) + (() if ln_hh is None else (lnb if store else None,))
     kw = dict(CELL=cell, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
-    if persistent:
-        tiles = _persistent_tiles(B, H, cell, gx, backward=False)
-        if launch_persistent(
-            _fwd_persistent_kernel, tiles, barriers=T - 1, device=gx.device, gx=gx, hs=hs,
-            w_hh=w_hh, b_hn=b_hn, lengths=lengths, y=y, ws=ws, T=T, B=B, H=H, REVERSE=reverse,
-            **kw,
-        ):  # fmt: skip
-            return y, hs, ws
-    ln, rec, lnb = _NO_LN, None, None
+    if persistent and _gru_fwd_persistent(gx, hs, w_hh, b_hn, lengths, y, ws, reverse, kw, rng,
+                                          zoneout, stream, drop, ln_hh, lnb):  # fmt: skip
+        return done
+    ln, rec = _NO_LN, None
     if ln_hh is not None:
         N, LD = GH, GH + 1
-        lnb = new_output((T if store else 1, B, LD), acc, gx.device)
-        ts = B * LD if store else 0  # without a backward one slot serves every step
+        ts = B * LD if store else 0
         rec, n_ln, ln_bn, part = _ln_phase1(hs, w_hh, drop, lnb, B, N, H, LD, ts, dt, acc)
         ln = dict(ln_hh=ln_hh, lnb=lnb, part=part, n_ln=n_ln, ln_bn=ln_bn, LD=LD, ln_ts=ts)
     grid, meta, warps = _tiles(B, H)
@@ -850,9 +1050,7 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout
         if rec is not None:
             rec(t, t + d)
         step(t, t + d, t + 1 - d)
-    if ln_hh is None:
-        return y, hs, ws
-    return y, hs, ws, lnb if store else None
+    return done
 
 
 def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=None,
@@ -864,8 +1062,7 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=
     again, not stored). persistent=True: one persistent launch when it can run safely, else one
     launch per step.
     """
-    # the persistent kernels have none of the options: the stepwise loop runs them
-    persistent = persistent and not _has_options(rng, zoneout, drop, ln_hh)
+    _check_ln(cell, ln_hh)
     extra = (None,) * (len(needs) - 4)
     need_gx, need_h0, need_whh, need_bhn = needs[:4]
     T, B, H = dy.shape
@@ -880,17 +1077,26 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=
         # the GRU's dgh = dr | dz | dhn of a step in one slab (dhn: its n block, a view)
         dgh = new_output((T, B, G * H), dt, dy.device) if cell == CELL_GRU else None
         tiles = _persistent_tiles(B, H, cell, dy, backward=True)
+        opt, du, pb = _option_args(rng, zoneout, stream, drop), None, None
+        if ln_hh is not None:
+            pb = torch.empty((tiles[0].programs, B, 2), dtype=acc, device=dy.device)
+            du = torch.empty((B, G * H), dtype=dt, device=dy.device)
         ran = launch_persistent(
-            _bwd_persistent_kernel, tiles, barriers=T - 1, device=dy.device, dy=dy, hs=hs, ws=ws,
-            w_hh=w_hh, lengths=lengths, carry=carry, dgx=dgx, dgh=dgh, T=T, B=B, H=H,
-            REVERSE=reverse, **kw,
+            _bwd_persistent_kernel, tiles, barriers=_barriers(T, 1 if ln_hh is None else 2),
+            device=dy.device, dy=dy, hs=hs, ws=ws, w_hh=w_hh, lengths=lengths, carry=carry,
+            dgx=dgx, dgh=dgh, ln_hh=ln_hh, aux=aux, pb=pb, du=du, T=T, B=B, H=H,
+            REVERSE=reverse, **kw, **opt,
         )  # fmt: skip
         dhn = dgh[..., 2 * H :] if ran and cell == CELL_GRU else None
         if ran and need_h0:
-            # dh_0 = carry + dgh_{t0} W_hh, t0 the last step processed: one GEMM
+            # dh_0 = carry + (dgh_{t0} W_hh) ⊙ mask, t0 the last step processed (layer norm:
+            # du_{t0}, which the kernel's last phase left in du): one GEMM
             t0 = T - 1 if reverse else 0
-            dg0 = dgh[t0] if cell == CELL_GRU else dgx[t0]
-            dh0 = torch.addmm(carry, dg0.to(acc), w_hh.to(acc)).to(dt)
+            dg0 = du if du is not None else dgh[t0] if cell == CELL_GRU else dgx[t0]
+            if drop is None:
+                dh0 = torch.addmm(carry, dg0.to(acc), w_hh.to(acc)).to(dt)
+            else:
+                dh0 = (carry + (dg0.to(acc) @ w_hh.to(acc)) * drop).to(dt)
     if not ran:
         dhn = new_output((T, B, H), dt, dy.device) if cell == CELL_GRU else None
         dh0 = new_output((B, H), dt, dy.device) if need_h0 else None

@@ -51,8 +51,8 @@ summed (`_common._diag_sum`). Reductions run over the true H (or P) in power-of-
 padded. c (backward dh, dc) passes from step to step through its buffer (cs, dh, dc). With a
 projection a step has two phases and two barriers: forward m_t for the unit block, then
 h_t = m_t W_hr^T for a block of P rows; backward dh_t over a block of P, then dm = dh_t W_hr for
-the unit block. The launcher falls back to the stepwise kernels when the launch cannot be made
-safe (_common.launch_persistent).
+the unit block; the options add phases (below). The launcher falls back to the stepwise kernels
+when the launch cannot be made safe (_common.launch_persistent).
 
 The weight gradients are single GEMMs after the time loop, whichever strategy ran.
 
@@ -66,29 +66,36 @@ the one leaving it t + 1; reversed with reverse=True, so h0 sits at T there):
     ms     (T, B, H) input dtype, proj only: m = o ⊙ tanh(c') as fed to the projection.
 Gates are only written when a gradient is needed.
 
-Options (stepwise kernels only: the persistent launchers run the stepwise loop when one is on):
+Options (both strategies, the same buffers: either backward accepts either forward):
     zoneout     c_t = d_c ⊙ c_{t-1} + (1 - d_c) ⊙ c̃_t and h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙ h̃_t,
                 h̃ formed from the candidate c̃ (Krueger et al. 2016); d the 0/1 masks of
                 _common._zoneout_keep (Philox, drawn again in backward) in training, the
                 probability in evaluation; y_t = h_t; cs and hs hold the zoned states. With a
-                projection h is zoned in the projection's kernel. Backward splits the gradient of
-                a zoned state into (1 - d) ⊙ it, for the cell, and d ⊙ it, which reaches the
-                previous state directly (dh keeps it from one launch to the next, dc adds it);
-                c̃ = f c + i g is recomputed from the gates.
+                projection h is zoned where it is formed (the projection's kernel or phase).
+                Backward splits the gradient of a zoned state into (1 - d) ⊙ it, for the cell,
+                and d ⊙ it, which reaches the previous state directly (dh keeps it from one
+                step to the next, dc adds it); c̃ = f c + i g is recomputed from the gates.
     recurrent dropout   (h ⊙ m) W_hh^T with one mask m (B, R) of 0 and 1/(1-p) per sequence
                 (Gal & Ghahramani 2016): backward multiplies the W_hh part of dh by m, and
-                dW_hh pairs da with h ⊙ m.
+                dW_hh pairs da with h ⊙ m. The persistent forward's programs that form h_t also
+                store h_t ⊙ m (the (2, B, R) buffer hd, by step parity), which every program's
+                next product reads in place of h: no extra operand per step.
     layer norm  a = gx + γ_hh ⊙ û, û = LN(h W_hh^T) over the row's G*H values, and
                 h̃ = o ⊙ tanh(γ_c ⊙ LN(c̃) + β_c) (Ba, Kiros & Hinton 2016); why and how a row's
                 statistics are reduced across programs: kernels/_common.py, "layer norm".
-                Forward: phase 1 `_common._ln_rec_kernel`, the cell kernel (which leaves c̃, o
-                and partial statistics of c̃), `_lstm_fwd_ln_out_kernel` (h, or m for the
-                projection). aux (T, B, G*H + 3) fp32: û | rstd | mean_c | rstd_c. Backward:
-                `_lstm_bwd_ln_out_kernel` (dm -> da_o and dq, the gradient of LN_c's output,
-                with row sums), then the cell kernel (LN_c'(dq) into dc̃, row sums of γ_hh da);
-                the next step's product runs over LN_hh'(da), formed inside it (`_dh_from_next`).
-Launches per step: forward 1 (+1 with a projection, +2 with layer norm), backward 1 (+1 with a
-projection, +1 with layer norm).
+                aux (T, B, G*H + 3) fp32: û | rstd | mean_c | rstd_c.
+                Stepwise forward: phase 1 `_common._ln_rec_kernel`, the cell kernel (which leaves
+                c̃, o and partial statistics of c̃), `_lstm_fwd_ln_out_kernel` (h, or m for the
+                projection). Stepwise backward: `_lstm_bwd_ln_out_kernel` (dm -> da_o and dq, the
+                gradient of LN_c's output, with row sums), then the cell kernel (LN_c'(dq) into
+                dc̃, row sums of γ_hh da); the next step's product runs over LN_hh'(da), formed
+                inside it (`_dh_from_next`).
+                Persistent: the same phases inside the one launch, a grid barrier before each
+                (the reductions across programs); the backward forms du = LN_hh'(da) of its
+                units in a last phase (`_common._ln_du`), which the next step's product reads.
+Stepwise launches per step: forward 1 (+1 with a projection, +2 with layer norm), backward 1
+(+1 with a projection, +1 with layer norm). Persistent grid barriers per step, forward and
+backward alike: 1 (+1 with a projection, +1 with LN_hh, +1 with LN_c).
 """
 
 from __future__ import annotations
@@ -104,7 +111,9 @@ from ._common import (
     _grid_barrier,
     _k_tiles,
     _live,
+    _ln_du,
     _ln_gate,
+    _ln_partials,
     _ln_rec_kernel,
     _ln_stats,
     _ln_sums,
@@ -504,6 +513,18 @@ def _lstm_fwd_cell_kernel(
         tl.store(y + t64 * B * R + o_c, tl.where(m_live, b_m, 0.0), mask=m_hb)
 
 
+@triton.jit
+def _lstm_ln_c_out(co, ln_c_w, ln_c_b, o_h, m_h, o_b, m_hb, b_mean, b_rstd, H, ACC: tl.constexpr):
+    """m = o ⊙ tanh(γ_c ⊙ ĉ + β_c), ĉ = (c̃ - mean) rstd, for units o_h of rows o_b (ACC), from
+    the step's c̃ and o in co ((B, 2H): c̃ | o per row) and the rows' LN_c statistics."""
+    o_co = o_b[None, :] * (2 * H) + o_h[:, None]
+    b_c = tl.load(co + o_co, mask=m_hb, other=0.0)
+    b_o = tl.load(co + o_co + H, mask=m_hb, other=0.0)
+    b_gw = tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    b_gb = tl.load(ln_c_b + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
+    return b_o * _tanh((b_c - b_mean[None, :]) * b_rstd[None, :] * b_gw + b_gb)
+
+
 @triton.heuristics(
     {
         "HAS_LEN": lambda a: a["lengths"] is not None,
@@ -558,11 +579,7 @@ def _lstm_fwd_ln_out_kernel(
         tl.store(p_st + 1, b_mean, mask=m_b)
         tl.store(p_st + 2, b_rstd, mask=m_b)
     o_c = o_b[None, :] * H + o_h[:, None]
-    b_c = tl.load(co + o_c + o_b[None, :] * H, mask=m_hb, other=0.0)
-    b_o = tl.load(co + o_c + o_b[None, :] * H + H, mask=m_hb, other=0.0)
-    b_gw = tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
-    b_gb = tl.load(ln_c_b + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
-    b_m = b_o * _tanh((b_c - b_mean[None, :]) * b_rstd[None, :] * b_gw + b_gb)
+    b_m = _lstm_ln_c_out(co, ln_c_w, ln_c_b, o_h, m_h, o_b, m_hb, b_mean, b_rstd, H, ACC)
     if HAS_PROJ:
         tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
     else:
@@ -820,6 +837,24 @@ def _lstm_bwd_ln_out_kernel(
     b_i, b_f, b_g, b_o, b_cp, _ = _lstm_load_saved(
         gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
+    m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux, ln_c_w, ln_c_b,
+                     t64, i_h, o_h, m_h, o_b, m_b, B, H, G, COUPLED, ACC)  # fmt: skip
+
+
+@triton.jit
+def _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux, ln_c_w, ln_c_b,
+                     t64, i_p, o_h, m_h, o_b, m_b, B, H, G: tl.constexpr, COUPLED: tl.constexpr,
+                     ACC: tl.constexpr):  # fmt: skip
+    """Backward of m = o ⊙ tanh(q), q = LN_c(c̃) = γ_c ĉ + β_c, for units o_h of rows o_b of step
+    t64 from dm and forward's gates (b_i.. in ACC, c̃ = f c + i g recomputed) and c_{t-1}:
+    da_o = dm tanh(q) o(1-o) into dgx's o block, dq = dm o (1 - tanh²q) into dqs ((T, B, H)
+    ACC), zero where the step is dead, and this program's row sums of γ_c dq and γ_c dq ĉ at
+    pc[i_p] ((programs, B, 2)): LN_c' needs them over all H units."""
+    m_hb = m_h[:, None] & m_b[None, :]
+    LD = G * H + 3
+    o_c = o_b[None, :] * H + o_h[:, None]
+    o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
     b_c = b_f * b_cp + b_i * b_g  # the candidate c̃
     p_st = aux + t64 * B * LD + o_b * LD + G * H
     b_mc = tl.load(p_st + 1, mask=m_b, other=0.0)[None, :]
@@ -828,13 +863,13 @@ def _lstm_bwd_ln_out_kernel(
     b_gw = tl.load(ln_c_w + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_gb = tl.load(ln_c_b + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_tq = _tanh(b_ch * b_gw + b_gb)
-    m_live = _live(lengths, t, o_b, m_b, HAS_LEN) & m_hb
+    m_live = m_live & m_hb
     b_dao = tl.where(m_live, b_dm * b_tq * b_o * (1.0 - b_o), 0.0)
     b_dq = tl.where(m_live, b_dm * b_o * (1.0 - b_tq * b_tq), 0.0)
     tl.store(dgx + o_gx + (G - 1) * H, b_dao.to(dgx.dtype.element_ty), mask=m_hb)
     tl.store(dqs + t64 * B * H + o_c, b_dq, mask=m_hb)
     b_v = b_gw * b_dq
-    p_pc = pc + (i_h * B + o_b) * 2
+    p_pc = pc + (i_p * B + o_b) * 2
     tl.store(p_pc, tl.sum(b_v, axis=0), mask=m_b)
     tl.store(p_pc + 1, tl.sum(b_v * b_ch, axis=0), mask=m_b)
 
@@ -960,7 +995,8 @@ def _lstm_bwd_cell_kernel(
     s_out = t64 if REVERSE else t64 + 1
     o_c = o_b[None, :] * H + o_h[:, None]  # within one (B, H) slice
 
-    if not HAS_LNC:  # with LN_c, `_lstm_bwd_ln_out_kernel` took dm to da_o and dq
+    b_dm = 0.0  # with LN_c, `_lstm_bwd_ln_out_kernel` took dm to da_o and dq
+    if not HAS_LNC:
         b_dm = _lstm_bwd_dm(
             dgx, w_hh, w_hr, dh, dy, dhs, lengths, drop, rng, ln_hh, aux, pb, t, t64, o_h, m_h,
             o_b, m_b, m_hb, o_c, B, H, R, n_pb, LD, z_stream, z_h, thr_h, G, REVERSE, USE_NEXT,
@@ -972,11 +1008,37 @@ def _lstm_bwd_cell_kernel(
     b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
         gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
-    if ZONE_C or HAS_LNC:
-        b_c = b_f * b_cp + b_i * b_g  # the candidate c̃ (cs holds the zoned state)
     b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+    _lstm_bwd_tail(
+        b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc, pb, pc, aux,
+        dqs, ln_hh, ln_c_w, rng, t, t64, i_h, o_h, m_h, o_b, m_b, B, H, n_pb, z_stream, z_c,
+        thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG, ZONE_C, HAS_LN, HAS_LNC,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lstm_bwd_tail(b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc,
+                   pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_p, o_h, m_h, o_b, m_b, B, H,
+                   n_pc, z_stream, z_c, thr_c, G: tl.constexpr, COUPLED: tl.constexpr,
+                   ACC: tl.constexpr, HAS_PEEP: tl.constexpr, HAS_RNG: tl.constexpr,
+                   ZONE_C: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNC: tl.constexpr,
+                   CACHE: tl.constexpr = ""):  # fmt: skip
+    """The cell's backward of step t for units o_h of rows o_b (both strategies), from dm (the
+    gradient of m; unused with LN_c, whose output backward left da_o and dq), forward's gates
+    and c_{t-1}, c (ACC) and dc (reaching the cell state after t): da_t into dgx (zero where
+    dead), dc_{t-1} into dc; with layer norm this program's row sums of γ da and γ da û at
+    pb[i_p]. Zoneout of c: the gradient of c_t splits into (1 - d) ⊙ it, the candidate c̃'s,
+    and d ⊙ it, which reaches c_{t-1} directly; c̃ = f c + i g is recomputed (c is the zoned
+    state). LN_c: dc̃ gains LN_c'(dq) from the row sums of every program at pc (n_pc of them;
+    CACHE: their loads' cache modifier)."""
+    m_hb = m_h[:, None] & m_b[None, :]
+    LD = G * H + 3
+    o_c = o_b[None, :] * H + o_h[:, None]
+    o_gx = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+    if ZONE_C or HAS_LNC:
+        b_c = b_f * b_cp + b_i * b_g  # the candidate c̃ (cs holds the zoned state)
     if HAS_LN or HAS_LNC:
         b_dct = b_dc  # the part of dc reaching c̃
         if ZONE_C:
@@ -985,7 +1047,7 @@ def _lstm_bwd_cell_kernel(
         if HAS_LNC:
             # dc̃ += LN_c'(dq) = rstd_c (γ_c dq - mean(γ_c dq) - ĉ mean(γ_c dq ĉ)), and the
             # output gate's peephole term; dm already went to da_o and dq
-            b_s1, b_s2 = _ln_sums(pc, o_b, m_b, B, n_pb, ACC)
+            b_s1, b_s2 = _ln_sums(pc, o_b, m_b, B, n_pc, ACC, CACHE)
             p_st = aux + t64 * B * LD + o_b * LD + G * H
             b_mc = tl.load(p_st + 1, mask=m_b, other=0.0)[None, :]
             b_rc = tl.load(p_st + 2, mask=m_b, other=0.0)[None, :]
@@ -1013,7 +1075,7 @@ def _lstm_bwd_cell_kernel(
         b_dc = tl.where(m_live, b_dcp, b_dc)
         if HAS_LN:  # this program's row sums of γ da and γ da û, for the next step's product
             _lstm_ln_partials(
-                pb, ln_hh, aux + t64 * B * LD, i_h, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai,
+                pb, ln_hh, aux + t64 * B * LD, i_p, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai,
                 b_daf, b_dag, b_dao, COUPLED, ACC,
             )  # fmt: skip
     elif ZONE_C:
@@ -1032,16 +1094,68 @@ def _lstm_bwd_cell_kernel(
 
 
 @triton.jit
-def _lstm_store_h(hs, y, b_h, m_live, s_in, s_out, t64, o_h, m_hb, B, R, HAS_LEN: tl.constexpr):
-    """h_t at slot s_out of hs and y_t, for the elements o_h of a (B, R) slab (h_{t-1}, read
-    back from slot s_in, kept where the step is dead; y_t 0 there)."""
-    b_h = b_h.to(hs.dtype.element_ty)
+def _lstm_h_out(hs, y, hd, drop, rng, b_h, b_hp, m_live, s_out, slot_out, t, t64, o_w, o_b, o_x,
+                m_xb, B, R, z_stream, z_h, thr_h, HAS_LEN: tl.constexpr, HAS_RNG: tl.constexpr,
+                ZONE_H: tl.constexpr, HAS_DROP: tl.constexpr):  # fmt: skip
+    """h_t of the elements o_x of a (B, R) slab (o_w their columns, o_b their rows) from b_h, the
+    cell's (or the projection's) value in ACC: zoned with h_{t-1} = b_hp (ZONE_H), h_{t-1}
+    kept where the step is dead, stored into slot s_out of hs and as y_t (0 where dead); with
+    recurrent dropout also h_t ⊙ mask into slot slot_out of hd, what the next step's product
+    reads. b_hp: h_{t-1} in hs's dtype, read by the caller (used with ZONE_H or HAS_LEN)."""
+    DT: tl.constexpr = hs.dtype.element_ty
+    if ZONE_H:
+        b_h = _zone(b_hp, b_h, rng, t, z_stream, o_w, o_b, R, z_h, thr_h, 0, HAS_RNG)
+    b_h = b_h.to(DT)
     if HAS_LEN:
-        b_hp = tl.load(hs + s_in * B * R + o_h, mask=m_hb)  # written by this program
-        tl.store(hs + s_out * B * R + o_h, tl.where(m_live, b_h, b_hp), mask=m_hb)
+        b_st = tl.where(m_live, b_h, b_hp)
     else:
-        tl.store(hs + s_out * B * R + o_h, b_h, mask=m_hb)
-    tl.store(y + t64 * B * R + o_h, tl.where(m_live, b_h, 0.0), mask=m_hb)
+        b_st = b_h
+    tl.store(hs + s_out * B * R + o_x, b_st, mask=m_xb)
+    tl.store(y + t64 * B * R + o_x, tl.where(m_live, b_h, 0.0), mask=m_xb)
+    if HAS_DROP:
+        b_s = tl.load(drop + o_x, mask=m_xb, other=0.0)
+        tl.store(hd + slot_out * B * R + o_x, (b_st.to(b_s.dtype) * b_s).to(DT), mask=m_xb)
+
+
+@triton.jit
+def _lstm_fwd_tail(b_ai, b_af, b_ag, b_ao, b_gi, b_gf, b_gg, b_go, b_cp, b_hp, b_pi, b_pf, b_po,
+                   m_live, cs, gates, ms, co, part_c, hs, y, hd, drop, rng, t, t64, s_in, s_out,
+                   slot_out, i_u, o_h, m_h, o_b, m_b, B, H, R, z_stream, z_c, z_h, thr_c, thr_h,
+                   G: tl.constexpr, COUPLED: tl.constexpr, BLOCK_U: tl.constexpr,
+                   HAS_PEEP: tl.constexpr, HAS_LEN: tl.constexpr, HAS_PROJ: tl.constexpr,
+                   STORE_GATES: tl.constexpr, HAS_RNG: tl.constexpr, HAS_DROP: tl.constexpr,
+                   ZONE_C: tl.constexpr, ZONE_H: tl.constexpr, HAS_LNC: tl.constexpr):  # fmt: skip
+    """A persistent forward step for units o_h of rows o_b once the recurrent pre-activations
+    (b_a*: h W_hh^T, or γ ⊙ û with layer norm) are known; b_g* the input gates, b_cp = c_{t-1},
+    b_hp = h_{t-1} (`_lstm_h_out`). The cell; with LN_c c̃, o and this program's partial
+    statistics of c̃ left for the output phase; c (zoned: the candidate c̃ stays what the
+    output and backward see); the gates; then h (zoned) and y, or m for the projection."""
+    m_hb = m_h[:, None] & m_b[None, :]
+    o_c = o_b[None, :] * H + o_h[:, None]  # this program's elements of a (B, H) slab
+    b_i, b_f, b_g, b_o, b_c, b_m = _lstm_cell(
+        b_ai + b_gi, b_af + b_gf, b_ag + b_gg, b_ao + b_go, b_cp, b_pi, b_pf, b_po,
+        COUPLED, HAS_PEEP,
+    )  # fmt: skip
+    if HAS_LNC:
+        tl.store(co + o_c + o_b[None, :] * H, b_c, mask=m_hb)
+        tl.store(co + o_c + o_b[None, :] * H + H, b_o, mask=m_hb)
+        n_p = tl.maximum(tl.minimum(H - i_u * BLOCK_U, BLOCK_U), 1)
+        _ln_partials(b_c, m_hb, n_p, part_c + (i_u * B + o_b) * 2, m_b)
+    if ZONE_C:
+        b_c = _zone(b_cp, b_c, rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
+    tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
+    if STORE_GATES:
+        p_gates = gates + t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+        _store_gate_blocks(p_gates, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
+    if HAS_LNC:
+        pass  # h needs LN_c's statistics of the whole row: the output phase forms it
+    elif HAS_PROJ:
+        tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
+    else:
+        _lstm_h_out(
+            hs, y, hd, drop, rng, b_m, b_hp, m_live, s_out, slot_out, t, t64, o_h, o_b, o_c,
+            m_hb, B, R, z_stream, z_h, thr_h, HAS_LEN, HAS_RNG, ZONE_H, HAS_DROP,
+        )  # fmt: skip
 
 
 @triton.heuristics(
@@ -1050,6 +1164,9 @@ def _lstm_store_h(hs, y, b_h, m_live, s_in, s_out, t64, o_h, m_hb, B, R, HAS_LEN
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["w_hr"] is not None,
         "STORE_GATES": lambda a: a["gates"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        "HAS_LNC": lambda a: a["ln_c_w"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit
@@ -1064,9 +1181,27 @@ def _lstm_fwd_persistent_kernel(
     w_hr,  # (P, H) input dtype or None
     w_ch,  # (3*H,) (i, f, o), or (2*H,) (f, o) when coupled, input dtype, or None
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks (training), or None
+    drop,  # (B, R) ACC: recurrent dropout's mask on h where it meets W_hh, or None
+    hd,  # (2, B, R) input dtype, with drop: h ⊙ mask; slot s % 2 holds the state entering
+    #      processing step s (slot 0 written by the launcher), read back by all programs
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm; its bias is in gx)
+    ln_c_w,  # (H,) input dtype or None: LN_c's gain (with ln_hh only)
+    ln_c_b,  # (H,) input dtype or None: LN_c's bias
+    aux,  # (T or 1, B, G*H + 3) ACC, layer norm: u (own columns) -> û in place, rstd at G*H,
+    #       LN_c's mean and rstd at G*H + 1, G*H + 2 (program 0 writes the row statistics)
+    part,  # (programs, B, 2) ACC, layer norm: each program's mean and M2 of its values of u
+    part_c,  # (programs, B, 2) ACC, LN_c: each program's mean and M2 of its units' c̃
+    co,  # (B, 2H) ACC, LN_c: c̃ and o of the step (each program writes and reads its units)
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_c,  # zoneout probability of c (ZONE_C: > 0), the expectation's weight in evaluation
+    z_h,  # zoneout probability of h
+    thr_c,  # int32 thresholds of the masks (_common.zoneout_threshold)
+    thr_h,
+    ln_ts,  # step stride of aux: B * (G*H + 3), or 0 (one slot reused: no backward)
     H: tl.constexpr,
     R: tl.constexpr,
     G: tl.constexpr,
@@ -1082,14 +1217,39 @@ def _lstm_fwd_persistent_kernel(
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     STORE_GATES: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_LNC: tl.constexpr,
 ):
     """The whole forward sequence; program i_u owns units o_h (with projection also rows o_q
     of h) for every sequence. Barrier k (1-based) waits for k * num_programs arrivals.
 
     Step: a = [W_i; W_f; W_g; W_o][o_h] h_{t-1}^T, one (4 BLOCK_U, R) x (R, BLOCK_B) product
     (the gates of the program's units interleaved on M, row 4 u + g; coupled: f, g, o and a
-    zero block), split into the gate tiles for the cell update."""
-    PH: tl.constexpr = 2 if HAS_PROJ else 1  # barriers per step
+    zero block), split into the gate tiles for the cell update.
+
+    Phases of a step, each after a grid barrier (PH per step): the product and, without layer
+    norm, the cell; with layer norm (LN_hh) the normalisation of the product and the cell, the
+    statistics of each row's G*H values merged from every program's partials; with LN_c the
+    output m = o ⊙ tanh(LN_c(c̃)), likewise over the H units; with projection h = m W_hr^T.
+    Zoneout is element-wise where c and h are formed; recurrent dropout: the programs that
+    form h_t also store h_t ⊙ mask (hd), which the next step's product reads in place of h."""
+    GI: tl.constexpr = 0  # gate row blocks (GI unused when coupled)
+    GF: tl.constexpr = 0 if COUPLED else 1
+    GG: tl.constexpr = GF + 1
+    GO: tl.constexpr = GF + 2
+    LD: tl.constexpr = G * H + 3  # row stride of aux
+    # barriers of a step, in order: 0 (h_{t-1} written), LN_hh's partials, LN_c's, m_t
+    I_LNC: tl.constexpr = 2 if HAS_LN else 1
+    I_PROJ: tl.constexpr = I_LNC + 1 if HAS_LNC else I_LNC
+    PH: tl.constexpr = I_PROJ + 1 if HAS_PROJ else I_PROJ
+    N_U: tl.constexpr = (H + BLOCK_U - 1) // BLOCK_U  # programs owning units (their partials)
+    # the cell phase forms h itself (no LN_c, no projection) and needs h_{t-1} of its units
+    HP_CELL: tl.constexpr = (ZONE_H or HAS_LEN) and not (HAS_PROJ or HAS_LNC)
+    HP_OUT: tl.constexpr = (ZONE_H or HAS_LEN) and not HAS_PROJ  # the same for LN_c's phase
     i_u = tl.program_id(0)
     n_prog = tl.num_programs(0)
     o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -1100,7 +1260,8 @@ def _lstm_fwd_persistent_kernel(
     o_m = tl.arange(0, 4 * BLOCK_U)
     o_mg = o_m % 4
     o_mu = i_u * BLOCK_U + o_m // 4
-    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * R, (o_mg < G) & (o_mu < H), 1, R, MAX_K, False, "")
+    m_m = (o_mg < G) & (o_mu < H)
+    b_w = _k_tiles(w_hh + (o_mg * H + o_mu) * R, m_m, 1, R, MAX_K, False, "")
     b_pi, b_pf, b_po = _lstm_peepholes(w_ch, o_h, m_h, H, COUPLED, HAS_PEEP, ACC)
     if HAS_PROJ:
         # rows o_q of W_hr: this program's rows of h = m W_hr^T
@@ -1109,6 +1270,8 @@ def _lstm_fwd_persistent_kernel(
         b_wr = _k_tiles(w_hr + o_q * H, m_q, 1, H, MAX_K, False, "")
     else:
         o_q, m_q = o_h, m_h
+    # values of u a batch row has in this program (1 for a program without units: never merged)
+    n_own = G * tl.maximum(tl.minimum(H - i_u * BLOCK_U, BLOCK_U), 1)
 
     # num_stages=1: no software pipelining, which could issue the next step's loads of
     # other programs' data before that step's barrier
@@ -1117,51 +1280,148 @@ def _lstm_fwd_persistent_kernel(
         t64 = t.to(tl.int64)
         s_in = t64 + 1 if REVERSE else t64
         s_out = t64 if REVERSE else t64 + 1
+        slot_in = s % 2  # hd: the slot holding h_{t-1} ⊙ mask, and the one h_t's goes to
+        slot_out = 1 - slot_in
+        if HAS_DROP:
+            p_h = hd + slot_in * B * R
+        else:
+            p_h = hs + s_in * B * R
         if s > 0:
             _grid_barrier(cnt, PH * s * n_prog)  # h_{t-1} of every unit is written
         for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
             o_b = b0 + tl.arange(0, BLOCK_B)
             m_b = o_b < B
-            m_hb = m_h[:, None] & m_b[None, :]
-            o_c = o_b[None, :] * H + o_h[:, None]  # this program's elements of a (B, H) slab
-            o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of (B, G*H)
-            # every load of the step before the product: this program's own data (gx_t, c
-            # written by it a step ago) and h_{t-1} of all units (the others', from L2)
-            b_gi, b_gf, b_gg, b_go = _load_gate_blocks(
-                gx + t64 * B * G * H + o_g, m_hb, H, COUPLED, ACC
-            )
-            b_c = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
-            m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-            b_ht = _k_tiles(hs + s_in * B * R + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
-            b_a = _dot_tiles(b_w, b_ht, tl.zeros([4 * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
-            b_a0, b_a1, b_a2, b_a3 = _split_gates(b_a, BLOCK_U)
-            if COUPLED:  # blocks f, g, o (i = 1 - f: its slot unused)
-                b_ai, b_af, b_ag, b_ao = b_a0, b_a0, b_a1, b_a2
+            if HAS_LN:
+                # u = (h ⊙ mask) W_hh^T for the units' gate rows, into aux (normalised in the
+                # next phase), with its partial statistics per batch row
+                b_ht = _k_tiles(p_h + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
+                b_u = _dot_tiles(b_w, b_ht, tl.zeros([4 * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+                m_u = m_m[:, None] & m_b[None, :]
+                o_u = o_b[None, :] * LD + (o_mg * H + o_mu)[:, None]
+                tl.store(aux + t64 * ln_ts + o_u, b_u, mask=m_u)
+                _ln_partials(b_u, m_u, n_own, part + (i_u * B + o_b) * 2, m_b)
             else:
-                b_ai, b_af, b_ag, b_ao = b_a0, b_a1, b_a2, b_a3
-            b_i, b_f, b_g, b_o, b_cn, b_m = _lstm_cell(
-                b_ai + b_gi, b_af + b_gf, b_ag + b_gg, b_ao + b_go, b_c, b_pi, b_pf, b_po,
-                COUPLED, HAS_PEEP,
-            )  # fmt: skip
-            tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_cn, b_c), mask=m_hb)
-            if STORE_GATES:
-                p_gates = gates + t64 * B * G * H + o_g
-                _store_gate_blocks(p_gates, b_i, b_f, b_g, b_o, m_hb, H, COUPLED)
-            if HAS_PROJ:
-                tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
-            else:
-                _lstm_store_h(hs, y, b_m, m_live, s_in, s_out, t64, o_c, m_hb, B, R, HAS_LEN)
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_c = o_b[None, :] * H + o_h[:, None]  # this program's elements of (B, H)
+                o_g = o_b[None, :] * (G * H) + o_h[:, None]  # ... of gate block 0 of (B, G*H)
+                # every load of the step before the product: this program's own data (gx_t,
+                # c and h written by it a step ago) and h_{t-1} of all units (from L2)
+                b_gi, b_gf, b_gg, b_go = _load_gate_blocks(
+                    gx + t64 * B * G * H + o_g, m_hb, H, COUPLED, ACC
+                )
+                b_c = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                if HP_CELL:
+                    b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb, other=0.0)  # R == H
+                else:
+                    b_hp = 0.0
+                b_ht = _k_tiles(p_h + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
+                b_a = _dot_tiles(b_w, b_ht, tl.zeros([4 * BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
+                b_a0, b_a1, b_a2, b_a3 = _split_gates(b_a, BLOCK_U)
+                if COUPLED:  # blocks f, g, o (i = 1 - f: its slot unused)
+                    b_ai, b_af, b_ag, b_ao = b_a0, b_a0, b_a1, b_a2
+                else:
+                    b_ai, b_af, b_ag, b_ao = b_a0, b_a1, b_a2, b_a3
+                _lstm_fwd_tail(
+                    b_ai, b_af, b_ag, b_ao, b_gi, b_gf, b_gg, b_go, b_c, b_hp, b_pi, b_pf, b_po,
+                    m_live, cs, gates, ms, co, part_c, hs, y, hd, drop, rng, t, t64, s_in, s_out,
+                    slot_out, i_u, o_h, m_h, o_b, m_b, B, H, R, z_stream, z_c, z_h, thr_c, thr_h,
+                    G, COUPLED, BLOCK_U, HAS_PEEP, HAS_LEN, HAS_PROJ, STORE_GATES, HAS_RNG,
+                    HAS_DROP, ZONE_C, ZONE_H, HAS_LNC,
+                )  # fmt: skip
+        if HAS_LN:
+            _grid_barrier(cnt, (PH * s + 1) * n_prog)  # u's partials of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_c = o_b[None, :] * H + o_h[:, None]
+                o_g = o_b[None, :] * (G * H) + o_h[:, None]
+                b_gi, b_gf, b_gg, b_go = _load_gate_blocks(
+                    gx + t64 * B * G * H + o_g, m_hb, H, COUPLED, ACC
+                )
+                b_c = tl.load(cs + s_in * B * H + o_c, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                if HP_CELL:
+                    b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb, other=0.0)
+                else:
+                    b_hp = 0.0
+                b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, N_U, G * BLOCK_U, ACC, ".cg")
+                # a = gx + γ ⊙ û, û = (u - mean) rstd stored back for backward
+                p_u = aux + t64 * ln_ts + o_b[None, :] * LD + o_h[:, None]
+                b_af = _ln_gate(p_u + GF * H, ln_hh + GF * H + o_h, m_h, m_hb, b_mean, b_rstd)
+                b_ag = _ln_gate(p_u + GG * H, ln_hh + GG * H + o_h, m_h, m_hb, b_mean, b_rstd)
+                b_ao = _ln_gate(p_u + GO * H, ln_hh + GO * H + o_h, m_h, m_hb, b_mean, b_rstd)
+                if COUPLED:
+                    b_ai = b_af
+                else:
+                    b_ai = _ln_gate(p_u + GI * H, ln_hh + GI * H + o_h, m_h, m_hb, b_mean, b_rstd)
+                if i_u == 0:
+                    tl.store(aux + t64 * ln_ts + o_b * LD + G * H, b_rstd, mask=m_b)
+                _lstm_fwd_tail(
+                    b_ai, b_af, b_ag, b_ao, b_gi, b_gf, b_gg, b_go, b_c, b_hp, b_pi, b_pf, b_po,
+                    m_live, cs, gates, ms, co, part_c, hs, y, hd, drop, rng, t, t64, s_in, s_out,
+                    slot_out, i_u, o_h, m_h, o_b, m_b, B, H, R, z_stream, z_c, z_h, thr_c, thr_h,
+                    G, COUPLED, BLOCK_U, HAS_PEEP, HAS_LEN, HAS_PROJ, STORE_GATES, HAS_RNG,
+                    HAS_DROP, ZONE_C, ZONE_H, HAS_LNC,
+                )  # fmt: skip
+        if HAS_LNC:
+            _grid_barrier(cnt, (PH * s + I_LNC) * n_prog)  # c̃'s partials of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_c = o_b[None, :] * H + o_h[:, None]
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                if HP_OUT:
+                    b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb, other=0.0)
+                else:
+                    b_hp = 0.0
+                b_mean, b_rstd = _ln_stats(part_c, o_b, m_b, B, H, N_U, BLOCK_U, ACC, ".cg")
+                if i_u == 0:
+                    p_st = aux + t64 * ln_ts + o_b * LD + G * H
+                    tl.store(p_st + 1, b_mean, mask=m_b)
+                    tl.store(p_st + 2, b_rstd, mask=m_b)
+                b_m = _lstm_ln_c_out(co, ln_c_w, ln_c_b, o_h, m_h, o_b, m_hb, b_mean, b_rstd, H,
+                                     ACC)  # fmt: skip
+                if HAS_PROJ:
+                    tl.store(ms + t64 * B * H + o_c, b_m.to(ms.dtype.element_ty), mask=m_hb)
+                else:
+                    _lstm_h_out(hs, y, hd, drop, rng, b_m, b_hp, m_live, s_out, slot_out, t, t64,
+                                o_h, o_b, o_c, m_hb, B, R, z_stream, z_h, thr_h, HAS_LEN,
+                                HAS_RNG, ZONE_H, HAS_DROP)  # fmt: skip
         if HAS_PROJ:
-            _grid_barrier(cnt, (PH * s + 1) * n_prog)  # m_t of every unit is written
+            _grid_barrier(cnt, (PH * s + I_PROJ) * n_prog)  # m_t of every unit is written
             for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
                 o_b = b0 + tl.arange(0, BLOCK_B)
                 m_b = o_b < B
                 m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-                b_mt = _k_tiles(ms + t64 * B * H + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
-                b_hn = _dot_tiles(b_wr, b_mt, tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), DOT_PREC)
                 o_hq = o_b[None, :] * R + o_q[:, None]  # this program's elements of (B, R)
                 m_qb = m_q[:, None] & m_b[None, :]
-                _lstm_store_h(hs, y, b_hn, m_live, s_in, s_out, t64, o_hq, m_qb, B, R, HAS_LEN)
+                if ZONE_H or HAS_LEN:
+                    b_hp = tl.load(hs + s_in * B * R + o_hq, mask=m_qb, other=0.0)
+                else:
+                    b_hp = 0.0
+                b_mt = _k_tiles(ms + t64 * B * H + o_b * H, m_b, 1, H, MAX_K, True, ".cg")
+                b_hn = _dot_tiles(b_wr, b_mt, tl.zeros([BLOCK_P, BLOCK_B], dtype=ACC), DOT_PREC)
+                _lstm_h_out(hs, y, hd, drop, rng, b_hn, b_hp, m_live, s_out, slot_out, t, t64,
+                            o_q, o_b, o_hq, m_qb, B, R, z_stream, z_h, thr_h, HAS_LEN, HAS_RNG,
+                            ZONE_H, HAS_DROP)  # fmt: skip
+
+
+@triton.jit
+def _lstm_bwd_du(du, dgx, aux, ln_hh, pb, t64, o_h, m_h, o_b, m_b, B, n_pb, G: tl.constexpr,
+                 H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Layer norm's last backward phase of step t for units o_h (all G gates) of rows o_b:
+    du = LN_hh'(da) = rstd (γ da - mean(γ da) - û mean(γ da û)) into du ((B, G*H), the
+    operand of the next step's product), the row means merged from every program's sums in pb
+    (`_common._ln_du`)."""
+    LD: tl.constexpr = G * H + 3
+    b_s1, b_s2 = _ln_sums(pb, o_b, m_b, B, n_pb, ACC, ".cg")
+    p_aux = aux + t64 * B * LD
+    b_rstd = tl.load(p_aux + o_b * LD + G * H, mask=m_b, other=0.0)
+    _ln_du(du, dgx + t64 * B * G * H, p_aux, ln_hh, b_s1 / (G * H), b_s2 / (G * H), b_rstd, o_h,
+           m_h, o_b, m_b, G * H, G * H, LD, G, H, ACC)  # fmt: skip
 
 
 @triton.heuristics(
@@ -1169,6 +1429,9 @@ def _lstm_fwd_persistent_kernel(
         "HAS_PEEP": lambda a: a["w_ch"] is not None,
         "HAS_LEN": lambda a: a["lengths"] is not None,
         "HAS_PROJ": lambda a: a["w_hr"] is not None,
+        "HAS_LN": lambda a: a["ln_hh"] is not None,
+        "HAS_LNC": lambda a: a["ln_c_w"] is not None,
+        **_OPTION_HEURISTICS,
     }
 )
 @triton.jit
@@ -1177,6 +1440,7 @@ def _lstm_bwd_persistent_kernel(
     gates,  # (T, B, G*H) ACC: activated gates from forward
     cs,  # (T+1, B, H) ACC: cell states in time order
     dh,  # (B, R) ACC, in/out: dh_T; on exit the gradient reaching the state after the last step
+    #      (with zoneout of h: the part of it that reaches h_0 past the first step's cell)
     dc,  # (B, H) ACC, in/out: dc_T; on exit dc_0
     dy,  # (T, B, R) input dtype
     dhs,  # (T, B, P) input dtype, out, with projection: total gradient of h_t (read back by all)
@@ -1184,9 +1448,24 @@ def _lstm_bwd_persistent_kernel(
     w_hr,  # (P, H) input dtype or None
     w_ch,  # (3*H,) or (2*H,) input dtype, or None: peepholes
     lengths,  # (B,) int64 or None
+    rng,  # (2,) int64 (seed, offset) of the zoneout masks, or None
+    drop,  # (B, R) ACC: recurrent dropout's mask, or None
+    ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm)
+    ln_c_w,  # (H,) input dtype or None: LN_c's gain
+    ln_c_b,  # (H,) input dtype or None: LN_c's bias
+    aux,  # (T, B, G*H + 3) ACC, layer norm: forward's û, rstd, LN_c's mean and rstd
+    pb,  # (programs, B, 2) ACC, layer norm: each program's row sums of γ da and γ da û
+    pc,  # (programs, B, 2) ACC, LN_c: each program's row sums of γ_c dq and γ_c dq ĉ
+    dqs,  # (T, B, H) ACC, out, LN_c: dq, the gradient of LN_c's output
+    du,  # (B, G*H) input dtype, layer norm: LN_hh'(da) of the step just done, read back by all
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
+    z_stream,  # layer-direction index in the zoneout masks' counters (not `stream`: reserved)
+    z_c,  # zoneout probabilities of c and h
+    z_h,
+    thr_c,  # int32 thresholds of the masks
+    thr_h,
     H: tl.constexpr,
     R: tl.constexpr,
     G: tl.constexpr,
@@ -1201,15 +1480,32 @@ def _lstm_bwd_persistent_kernel(
     HAS_PEEP: tl.constexpr,
     HAS_LEN: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    HAS_RNG: tl.constexpr,
+    HAS_DROP: tl.constexpr,
+    ZONE_C: tl.constexpr,
+    ZONE_H: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_LNC: tl.constexpr,
 ):
     """The whole reverse sequence; program i_u owns units o_h and columns o_q of W_hh (o_q = o_h
     without projection) for every sequence. dh, dc between steps live in their (B, *) buffers.
 
     Step: dh_{t}[:, o_q] = Σ_g da_{t+1, g} W_g[:, o_q], one (4 BLOCK_Q, H) x (H, 4 BLOCK_B)
     product: W_g^T's rows o_q interleaved on M (row 4 q + g), the gates' da side by side on N,
-    the sum of its diagonal gate blocks (_diag_sum); coupled: f, g, o and zero blocks."""
-    PH: tl.constexpr = 2 if HAS_PROJ else 1
+    the sum of its diagonal gate blocks (_diag_sum); coupled: f, g, o and zero blocks.
+
+    Phases of a step, each after a grid barrier (PH per step): the product, dh (⊙ the dropout
+    mask; zoneout of h splits the gradient of h_t into (1 - d) ⊙ it for the cell and d ⊙ it,
+    kept in dh, which reaches h_{t-1} directly) and, without projection and LN_c, the cell;
+    with projection dm = dh_t W_hr and the cell; with LN_c first dm -> da_o and dq with
+    per-program row sums, then (after a barrier: the sums of every program) the cell; with
+    layer norm du = LN_hh'(da) of the program's units, from every program's row sums: the next
+    step's product runs over du instead of da."""
+    I_LNC: tl.constexpr = 2 if HAS_PROJ else 1  # barriers of a step, as in the forward kernel
+    I_LN: tl.constexpr = I_LNC + 1 if HAS_LNC else I_LNC
+    PH: tl.constexpr = I_LN + 1 if HAS_LN else I_LN
     BLOCK_Q: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
+    N_U: tl.constexpr = (H + BLOCK_U - 1) // BLOCK_U  # programs owning units (their sums)
     i_u = tl.program_id(0)
     n_prog = tl.num_programs(0)
     o_h = i_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -1240,7 +1536,7 @@ def _lstm_bwd_persistent_kernel(
         s_out = t64 if REVERSE else t64 + 1
         t_next = t - 1 if REVERSE else t + 1  # processed at k - 1
         if k > 0:
-            _grid_barrier(cnt, PH * k * n_prog)  # da_{t_next} of every unit is written
+            _grid_barrier(cnt, PH * k * n_prog)  # da_{t_next} (du) of every unit is written
         for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
             o_b = b0 + tl.arange(0, BLOCK_B)
             m_b = o_b < B
@@ -1248,9 +1544,10 @@ def _lstm_bwd_persistent_kernel(
             m_qb = m_q[:, None] & m_b[None, :]
             o_dq = o_b[None, :] * R + o_q[:, None]  # this program's elements of a (B, R) slab
             # every load of the step before the product. This program's own data: dh as the
-            # previous step left it (dh_T at k = 0; only read where a dead step passes it on),
-            # dy; without projection also what the cell backward needs
-            m_dh = m_qb if HAS_LEN else m_qb & (k == 0)
+            # previous step left it (dh_T at k = 0; only read where a dead step passes it on,
+            # or it holds zoneout's direct part), dy; without projection also what the cell
+            # backward needs
+            m_dh = m_qb if (HAS_LEN or ZONE_H) else m_qb & (k == 0)
             b_dh = tl.load(dh + o_dq, mask=m_dh, other=0.0)
             b_dy = tl.load(dy + t64 * B * R + o_dq, mask=m_qb, other=0.0).to(ACC)
             m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
@@ -1262,27 +1559,46 @@ def _lstm_bwd_persistent_kernel(
                 )
                 b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
             if k > 0:
-                # da_{t_next} of every unit and gate (the other programs', from L2)
+                # da_{t_next} (layer norm: du) of every unit and gate (the others', from L2)
                 o_nbb = b0 + o_nb
-                p_da = dgx + t_next.to(tl.int64) * B * G * H + o_nbb * (G * H) + o_ng * H
+                if HAS_LN:
+                    p_da = du + o_nbb * (G * H) + o_ng * H
+                else:
+                    p_da = dgx + t_next.to(tl.int64) * B * G * H + o_nbb * (G * H) + o_ng * H
                 b_da = _k_tiles(p_da, (o_nbb < B) & (o_ng < G), 1, H, MAX_K, True, ".cg")
                 b_acc = tl.zeros([4 * BLOCK_Q, 4 * BLOCK_B], dtype=ACC)
                 b_rec = _diag_sum(_dot_tiles(b_wt, b_da, b_acc, DOT_PREC), BLOCK_Q, BLOCK_B)
-                if HAS_LEN:  # a dead step t_next passed dh through unchanged
+                if HAS_DROP:  # W_hh met h ⊙ mask
+                    b_rec *= tl.load(drop + o_dq, mask=m_qb, other=0.0)
+                if ZONE_H:  # dh holds what step t_next passed to h_t past its cell
+                    b_dh = tl.where(_live(lengths, t_next, o_b, m_b, HAS_LEN), b_rec, 0.0) + b_dh
+                elif HAS_LEN:  # a dead step t_next passed dh through unchanged
                     b_dh = tl.where(_live(lengths, t_next, o_b, m_b, HAS_LEN), b_rec, b_dh)
                 else:
                     b_dh = b_rec
-            # read back by the next step where a step is dead, and by the caller after the last
-            tl.store(dh + o_dq, b_dh, mask=m_qb)
-            if HAS_PROJ:
-                b_dq = tl.where(m_live, b_dh + b_dy, 0.0)
-                tl.store(dhs + t64 * B * R + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
+            b_tot = b_dh + b_dy
+            # read back by the next step (where a step is dead, or zoneout's direct part), and
+            # by the caller after the last
+            if ZONE_H:
+                b_d = _zoneout_factor(rng, t, z_stream, o_q, o_b, R, z_h, thr_h, 0, HAS_RNG, ACC)
+                tl.store(dh + o_dq, tl.where(m_live, b_d * b_tot, b_dh), mask=m_qb)
+                b_tot = (1.0 - b_d) * b_tot
             else:
-                b_dc = _lstm_bwd_step(
-                    dgx + o_g, b_dh + b_dy, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf,
-                    b_po, m_live, m_hb, H, COUPLED, HAS_PEEP,
+                tl.store(dh + o_dq, b_dh, mask=m_qb)
+            if HAS_PROJ:
+                b_dq = tl.where(m_live, b_tot, 0.0)
+                tl.store(dhs + t64 * B * R + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
+            elif HAS_LNC:
+                _lstm_ln_out_bwd(b_tot, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux,
+                                 ln_c_w, ln_c_b, t64, i_u, o_h, m_h, o_b, m_b, B, H, G, COUPLED,
+                                 ACC)  # fmt: skip
+            else:
+                _lstm_bwd_tail(
+                    b_tot, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc,
+                    pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b, B, H,
+                    N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG, ZONE_C,
+                    HAS_LN, HAS_LNC, ".cg",
                 )  # fmt: skip
-                tl.store(dc + o_c, b_dc, mask=m_hb)
         if HAS_PROJ:
             _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dh_t of every row of h is written
             for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
@@ -1299,11 +1615,42 @@ def _lstm_bwd_persistent_kernel(
                 # dm = dh_t W_hr for units o_h: W_hr^T's rows o_h times dh_t^T over P
                 b_dht = _k_tiles(dhs + t64 * B * R + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
                 b_dm = _dot_tiles(b_wrt, b_dht, tl.zeros([BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
-                b_dc = _lstm_bwd_step(
-                    dgx + o_g, b_dm, b_dc, b_i, b_f, b_g, b_o, b_cp, b_c, b_pi, b_pf, b_po,
-                    m_live, m_hb, H, COUPLED, HAS_PEEP,
+                if HAS_LNC:
+                    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux,
+                                     ln_c_w, ln_c_b, t64, i_u, o_h, m_h, o_b, m_b, B, H, G,
+                                     COUPLED, ACC)  # fmt: skip
+                else:
+                    _lstm_bwd_tail(
+                        b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx,
+                        dc, pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b,
+                        B, H, N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG,
+                        ZONE_C, HAS_LN, HAS_LNC, ".cg",
+                    )  # fmt: skip
+        if HAS_LNC:
+            _grid_barrier(cnt, (PH * k + I_LNC) * n_prog)  # dq's row sums of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                m_b = o_b < B
+                m_hb = m_h[:, None] & m_b[None, :]
+                o_c = o_b[None, :] * H + o_h[:, None]
+                o_g = t64 * B * G * H + o_b[None, :] * (G * H) + o_h[:, None]
+                b_i, b_f, b_g, b_o, b_cp, b_c = _lstm_load_saved(
+                    gates + o_g, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
+                )
+                b_dc = tl.load(dc + o_c, mask=m_hb, other=0.0)
+                m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
+                _lstm_bwd_tail(
+                    0.0, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc,
+                    pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b, B, H,
+                    N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG, ZONE_C,
+                    HAS_LN, HAS_LNC, ".cg",
                 )  # fmt: skip
-                tl.store(dc + o_c, b_dc, mask=m_hb)
+        if HAS_LN:
+            _grid_barrier(cnt, (PH * k + I_LN) * n_prog)  # da's row sums of every program
+            for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
+                o_b = b0 + tl.arange(0, BLOCK_B)
+                _lstm_bwd_du(du, dgx, aux, ln_hh, pb, t64, o_h, m_h, o_b, o_b < B, B, N_U, G, H,
+                             ACC)  # fmt: skip
 
 
 # =========================================================================== launchers
@@ -1339,26 +1686,6 @@ def _persistent_tiles(H: int, B: int, G: int, P: int, x, backward: bool):
     )
 
 
-def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled):
-    """One persistent launch over the sequence; False (nothing run) if it cannot run safely."""
-    T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
-    proj = w_hr is not None
-    tiles = _persistent_tiles(H, B, G, R if proj else 0, gx, backward=False)
-    return launch_persistent(
-        _lstm_fwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
-        device=gx.device,
-        gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
-        lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled, REVERSE=reverse,
-        ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(gx.dtype),
-    )  # fmt: skip
-
-
-def _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh) -> bool:
-    """Whether a call uses zoneout, recurrent dropout or layer norm."""
-    on = zoneout_c > 0 or zoneout_h > 0
-    return on or rng is not None or drop is not None or ln_hh is not None
-
-
 def _option_args(rng, zoneout_c, zoneout_h, stream, drop, proj: bool):
     """Keyword arguments of the stepwise kernels for zoneout and recurrent dropout: (those of the
     cell kernels, those of the projection's forward and dh kernels). With a projection h is
@@ -1370,6 +1697,58 @@ def _option_args(rng, zoneout_c, zoneout_h, stream, drop, proj: bool):
     return cell, dict(common, z_h=z_h, thr_h=zoneout_threshold(zoneout_h))
 
 
+def _persistent_option_args(options, ln) -> dict:
+    """Keyword arguments of the persistent kernels for the options (`lstm_fwd`'s and
+    `lstm_bwd`'s (rng, zoneout_c, zoneout_h, stream, drop) and layer norm's (ln_hh, ln_c_w,
+    ln_c_b), or None): one kernel forms c and h, so z_h is h's wherever it is formed."""
+    rng, zoneout_c, zoneout_h, stream, drop = options
+    ln_hh, ln_c_w, ln_c_b = ln if ln is not None else (None, None, None)
+    if ln_hh is None:
+        ln_c_w = ln_c_b = None  # LN_c comes with LN_hh only
+    return dict(rng=rng, drop=drop, ln_hh=ln_hh, ln_c_w=ln_c_w, ln_c_b=ln_c_b,
+                z_stream=int(stream), z_c=float(zoneout_c), z_h=float(zoneout_h),
+                thr_c=zoneout_threshold(zoneout_c), thr_h=zoneout_threshold(zoneout_h))  # fmt: skip
+
+
+def _barriers(T: int, per_step: int) -> int:
+    """Grid barriers a persistent launch crosses: per_step each step, none before the first."""
+    return per_step * T - 1
+
+
+def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled,
+                         options=(None, 0.0, 0.0, 0, None), ln=None, aux=None):  # fmt: skip
+    """One persistent launch over the sequence; False (nothing run) if it cannot run safely.
+    `options` and `ln` (ln_hh, ln_c_w, ln_c_b) as `lstm_fwd`'s; `aux` layer norm's buffer
+    ((T or 1, B, G*H + 3), one slot reused without a backward)."""
+    T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
+    proj = w_hr is not None
+    tiles = _persistent_tiles(H, B, G, R if proj else 0, gx, backward=False)
+    n = tiles[0].programs  # every choice has the same units, and so programs
+    opt = _persistent_option_args(options, ln)
+    acc, dev = cs.dtype, gx.device
+    drop, hd = opt["drop"], None
+    if drop is not None:  # h0 ⊙ mask: what the first step's product reads
+        hd = torch.empty((2, B, R), dtype=gx.dtype, device=dev)
+        s0, _ = _state_index(T, reverse)
+        hd[0] = (hs[s0].to(acc) * drop).to(gx.dtype)
+    part = part_c = co = None
+    ln_on, lnc_on = opt["ln_hh"] is not None, opt["ln_c_w"] is not None
+    if ln_on:
+        part = torch.empty((n, B, 2), dtype=acc, device=dev)
+    if lnc_on:
+        part_c = torch.empty((n, B, 2), dtype=acc, device=dev)
+        co = torch.empty((B, 2 * H), dtype=acc, device=dev)
+    per_step = 1 + int(ln_on) + int(lnc_on) + int(proj)
+    return launch_persistent(
+        _lstm_fwd_persistent_kernel, tiles, barriers=_barriers(T, per_step), device=dev,
+        gx=gx, hs=hs, cs=cs, y=y, gates=gates, ms=ms, w_hh=w_hh, w_hr=w_hr, w_ch=w_ch,
+        lengths=lengths, hd=hd, aux=aux, part=part, part_c=part_c, co=co, T=T, B=B,
+        ln_ts=(B * (GH + 3) if aux is not None and aux.shape[0] == T else 0), H=H, R=R, G=G,
+        COUPLED=coupled, REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(gx.dtype),
+        **opt,
+    )  # fmt: skip
+
+
 def lstm_fwd(
     gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store_gates, rng=None,
     zoneout_c=0.0, zoneout_h=0.0, stream=0, drop=None, ln_hh=None, ln_c_w=None, ln_c_b=None, *,
@@ -1379,15 +1758,13 @@ def lstm_fwd(
     and with layer norm a sixth element aux (T, B, G*H + 3) [û | rstd | mean_c, rstd_c] (None
     without `store_gates`).
 
-    Options (stepwise kernels only): zoneout of c and h (masks from `rng` (2,) int64 in
-    training, the expectation without it) in layer-direction `stream`, recurrent dropout's
-    (B, R) mask `drop` in the accumulation dtype, layer norm: gains `ln_hh` of the recurrent
-    product (phase 1, `_common._ln_rec_kernel`, before the cell kernel) and LN_c's `ln_c_w`,
-    `ln_c_b` (`_lstm_fwd_ln_out_kernel` after it).
+    Options: zoneout of c and h (masks from `rng` (2,) int64 in training, the expectation
+    without it) in layer-direction `stream`, recurrent dropout's (B, R) mask `drop` in the
+    accumulation dtype, layer norm: gains `ln_hh` of the recurrent product and LN_c's `ln_c_w`,
+    `ln_c_b` (stepwise: phase 1 `_common._ln_rec_kernel` before the cell kernel and
+    `_lstm_fwd_ln_out_kernel` after it; persistent: more phases per step, file docstring).
     persistent=True: one persistent launch when it can run safely, else the stepwise loop.
     """
-    # the persistent kernels have none of the options: the stepwise loop runs them
-    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH, G, H, R = _dims(gx, w_hh, coupled)
     dt, acc = gx.dtype, acc_dtype(gx.dtype)
     dev = gx.device
@@ -1399,21 +1776,29 @@ def lstm_fwd(
     y = new_output((T, B, R), dt, dev)
     gates = new_output((T, B, GH), acc, dev) if store_gates else None
     ms = new_output((T, B, H), dt, dev) if w_hr is not None else None
+    aux = None
+    if ln_hh is not None:
+        # without a backward one slot serves every step
+        aux = new_output((T if store_gates else 1, B, GH + 3), acc, dev)
+        if ln_c_w is None:
+            aux[..., GH + 1 :] = 0.0  # no LN_c statistics
+    done = (y, hs, cs, gates, ms) + (() if ln_hh is None else (aux if store_gates else None,))
+    options = (rng, zoneout_c, zoneout_h, stream, drop)
     if persistent and _lstm_fwd_persistent(
-        gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled
-    ):
-        return y, hs, cs, gates, ms
+        gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, reverse, coupled, options,
+        (ln_hh, ln_c_w, ln_c_b), aux,
+    ):  # fmt: skip
+        return done
 
     kw = dict(REVERSE=reverse, ACC=_TL_ACC[acc], DOT_PREC=dot_precision(dt))
     opt_cell, opt_proj = _option_args(rng, zoneout_c, zoneout_h, stream, drop, w_hr is not None)
     cell_grid, cell_kw = _stepwise_meta(B, H, R, "BLOCK_H")
     ln = dict(ln_hh=None, lnb=None, part=None, co=None, part_c=None, n_ln=0, ln_bn=0, LD=0,
               ln_ts=0)  # fmt: skip
-    rec = out = aux = None
+    rec = out = None
     if ln_hh is not None:
         LD = GH + 3
-        aux = new_output((T if store_gates else 1, B, LD), acc, dev)
-        ts = B * LD if store_gates else 0  # without a backward one slot serves every step
+        ts = B * LD if store_gates else 0
         rec_grid, rec_kw = _stepwise_meta(B, GH, R, "BLOCK_N")
         part = torch.empty((rec_grid[0], B, 2), dtype=acc, device=dev)
         rec = step_launcher(
@@ -1423,9 +1808,7 @@ def lstm_fwd(
         )  # fmt: skip
         ln.update(ln_hh=ln_hh, lnb=aux, part=part, n_ln=rec_grid[0], ln_bn=rec_kw["BLOCK_N"],
                   LD=LD, ln_ts=ts)  # fmt: skip
-        if ln_c_w is None:
-            aux[..., GH + 1 :] = 0.0  # no LN_c statistics
-        else:
+        if ln_c_w is not None:
             co = torch.empty((B, 2 * H), dtype=acc, device=dev)
             part_c = torch.empty((cell_grid[0], B, 2), dtype=acc, device=dev)
             ln.update(co=co, part_c=part_c)
@@ -1457,25 +1840,38 @@ def lstm_fwd(
             out(t)
         if w_hr is not None:
             proj(t)
-    if ln_hh is None:
-        return y, hs, cs, gates, ms
-    return y, hs, cs, gates, ms, aux if store_gates else None
+    return done
 
 
 def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse,
-                         coupled):  # fmt: skip
-    """One persistent launch over the reversed sequence; False (nothing run) if it cannot run
-    safely. Leaves in dh and dc what the stepwise loop leaves there."""
+                         coupled, options=(None, 0.0, 0.0, 0, None), ln=None):  # fmt: skip
+    """One persistent launch over the reversed sequence. Returns (ran, dqs): ran False when
+    nothing ran (the launch cannot be made safe); dqs (T, B, H), LN_c's output gradients, or
+    None. Leaves in dh, dc and dgx what the stepwise loop leaves there. `ln`: (ln_hh, aux,
+    ln_c_w, ln_c_b) or None, as `_lstm_bwd_stepwise`'s."""
     T, B, GH, G, H, R = _dims(gates, w_hh, coupled)
     proj = w_hr is not None
     tiles = _persistent_tiles(H, B, G, R if proj else 0, dy, backward=True)
-    return launch_persistent(
-        _lstm_bwd_persistent_kernel, tiles, barriers=(2 * T - 1 if proj else T - 1),
-        device=dy.device,
+    n = tiles[0].programs
+    ln_hh, aux, ln_c_w, ln_c_b = ln if ln is not None else (None, None, None, None)
+    opt = _persistent_option_args(options, (ln_hh, ln_c_w, ln_c_b))
+    acc, dev = cs.dtype, dy.device
+    pb = pc = dqs = du = None
+    if opt["ln_hh"] is not None:
+        pb = torch.empty((n, B, 2), dtype=acc, device=dev)
+        du = torch.empty((B, GH), dtype=dy.dtype, device=dev)
+    if opt["ln_c_w"] is not None:
+        pc = torch.empty((n, B, 2), dtype=acc, device=dev)
+        dqs = new_output((T, B, H), acc, dev)
+    per_step = 1 + int(proj) + int(pc is not None) + int(pb is not None)
+    ran = launch_persistent(
+        _lstm_bwd_persistent_kernel, tiles, barriers=_barriers(T, per_step), device=dev,
         dgx=dgx, gates=gates, cs=cs, dh=dh, dc=dc, dy=dy, dhs=dhs, w_hh=w_hh, w_hr=w_hr,
-        w_ch=w_ch, lengths=lengths, T=T, B=B, H=H, R=R, G=G, COUPLED=coupled,
-        REVERSE=reverse, ACC=_TL_ACC[cs.dtype], DOT_PREC=dot_precision(dy.dtype),
+        w_ch=w_ch, lengths=lengths, aux=aux, pb=pb, pc=pc, dqs=dqs, du=du, T=T, B=B, H=H, R=R,
+        G=G, COUPLED=coupled, REVERSE=reverse, ACC=_TL_ACC[acc],
+        DOT_PREC=dot_precision(dy.dtype), **opt,
     )  # fmt: skip
+    return ran, dqs
 
 
 def lstm_bwd(
@@ -1487,13 +1883,11 @@ def lstm_bwd(
     and the layer-norm gradients (dln_hh, dln_c_w, dln_c_b) when `needs` has their 3 flags.
 
     The options as `lstm_fwd`'s (the same rng, stream and mask: the zoneout masks are drawn
-    again, not stored; `aux` is forward's with layer norm). persistent=True: one persistent
-    launch when it can run safely, else the stepwise loop.
+    again, not stored; `aux` is forward's with layer norm, from either strategy). persistent=True:
+    one persistent launch when it can run safely, else the stepwise loop.
     """
     options = (rng, zoneout_c, zoneout_h, stream, drop)
     ln = None if ln_hh is None else (ln_hh, aux, ln_c_w, ln_c_b)
-    # the persistent kernels have none of the options: the stepwise loop runs them
-    persistent = persistent and not _has_options(rng, zoneout_c, zoneout_h, drop, ln_hh)
     T, B, GH = gates.shape
     R = w_hh.shape[1]
     dt, acc = hs.dtype, cs.dtype
@@ -1504,13 +1898,11 @@ def lstm_bwd(
     dh = dhT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dc = dcT.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     dhs = new_output((T, B, R), dt, dev) if w_hr is not None else None
-    dqs = None
-    if not (
-        persistent
-        and _lstm_bwd_persistent(
-            dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths, reverse, coupled
-        )
-    ):
+    ran, dqs = False, None
+    if persistent:
+        ran, dqs = _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch,
+                                        lengths, reverse, coupled, options, ln)  # fmt: skip
+    if not ran:
         dqs = _lstm_bwd_stepwise(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, lengths,
                                  reverse, coupled, options, ln)  # fmt: skip
     grads = _lstm_bwd_weights(dgx, dh, dc, dhs, hs, cs, ms, w_hh, lengths, reverse, coupled,

@@ -724,31 +724,6 @@ def test_stepwise_inference_without_grad(mode):
 
 @needs_fused
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_persistent_falls_back_to_stepwise(mode, monkeypatch):
-    """backend="persistent" with an option runs the stepwise kernels (the persistent ones have
-    no options yet): never a persistent launch, the stepwise results."""
-    from fused_rnn.kernels import _common, gru, lstm
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a persistent kernel was launched with options on")
-
-    monkeypatch.setattr(_common, "launch_persistent", refuse)
-    monkeypatch.setattr(lstm, "launch_persistent", refuse)
-    monkeypatch.setattr(gru, "launch_persistent", refuse)
-    m = _module(mode, layers=1, bi=False, zone=(0.2, 0.3), p=0.2, backend="persistent")
-    x = torch.randn(3, 2, 5, **F64, requires_grad=True)
-    torch.manual_seed(8)
-    y = m(x)[0]
-    (g,) = torch.autograd.grad(y.sum(), x)
-    m.backend = "stepwise"
-    torch.manual_seed(8)
-    y2 = m(x)[0]
-    (g2,) = torch.autograd.grad(y2.sum(), x)
-    assert torch.equal(y, y2) and torch.equal(g, g2)
-
-
-@needs_fused
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_stepwise_fp32_matches_torch_path(mode, native_off):
     """fp32 kernels against the fp32 torch loop with the same masks; 1e-5 relative: fp32
     rounding (~6e-8) over a few steps and products of width <= 28, with margin."""
