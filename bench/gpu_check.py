@@ -54,7 +54,9 @@ Correctness of the kernels. Each check builds one module (a cell kind at a size)
 random weights, inputs, initial states and output cotangents (seeded from a per-run seed,
 recorded), rounds them to the check's dtype and runs three things on exactly those values:
 
-- the float64 reference: the fused_rnn module on the CPU in float64 with backend="torch";
+- the float64 reference: the fused_rnn module on the CPU in float64 with backend="torch" (the
+  kinds that train with zoneout or recurrent dropout: the same in fp32 on the check's device,
+  every run drawing the masks from one seed, as they come from the device's generator);
 - the baseline: torch.nn's module (cuDNN on CUDA) in the check's dtype; for the LSTM variants
   (peephole, coupled gates), which torch.nn lacks, fused_rnn's own backend="torch" instead;
 - each fused backend (stepwise, persistent) in the check's dtype, outputs NaN-poisoned
@@ -138,6 +140,10 @@ TOLERANCES = {
     ),
 }
 
+# zoneout, recurrent dropout and layer norm together (the RNN has no layer norm)
+_OPTIONS = {"zoneout": 0.25, "recurrent_dropout": 0.25, "layer_norm": True}
+_LSTM_OPTIONS = {**_OPTIONS, "zoneout": (0.25, 0.2)}
+
 # cell kind -> (class name, constructor extras); "proj_size": True means proj_size = H // 2
 KINDS = {
     "lstm": ("LSTM", {}),
@@ -152,6 +158,14 @@ KINDS = {
     "grucell": ("GRUCell", {}),
     "rnncell-tanh": ("RNNCell", {"nonlinearity": "tanh"}),
     "rnncell-relu": ("RNNCell", {"nonlinearity": "relu"}),
+    # the options (fused_rnn's alone: the baseline is its backend="torch"). "-eval": evaluation
+    # mode (zoneout's expectation, no dropout), against the float64 reference; the others train,
+    # drawing the masks from the same seed on every side (`_Check.seeded`)
+    "lstm-options-eval": ("LSTM", {**_LSTM_OPTIONS, "eval": True}),
+    "gru-options-eval": ("GRU", {**_OPTIONS, "eval": True}),
+    "lstm-options": ("LSTM", _LSTM_OPTIONS),
+    "gru-options": ("GRU", _OPTIONS),
+    "rnn-options": ("RNN", {"nonlinearity": "tanh", "zoneout": 0.25, "recurrent_dropout": 0.25}),
 }
 
 
@@ -612,6 +626,18 @@ class _Check:
         self.cell = _is_cell(self.kind)
         self.lstm = self.kind.startswith("lstm")
         self.grad = self.size.mode == "fwdbwd"
+        extra = KINDS[self.kind][1]
+        self.eval = bool(extra.get("eval"))
+        # training with zoneout or recurrent dropout draws masks: every run of the check (the
+        # reference, the baseline, each fused call) draws them from the same seed. They come
+        # from the device's generator, recurrent dropout's in the accumulation dtype, so the
+        # reference is the torch path on the check's device in fp32 (TF32 off), not the CPU's
+        # float64
+        self.seeded = (
+            self.grad
+            and not self.eval
+            and bool(extra.get("zoneout") or extra.get("recurrent_dropout"))
+        )
 
     # --- building ------------------------------------------------------------------------
 
@@ -622,6 +648,8 @@ class _Check:
         for k, v in extra.items():
             if k == "proj_size":
                 kw["proj_size"] = s.H // 2
+            elif k == "eval":
+                continue  # how the check runs, not a constructor argument
             elif lib == "fused" or k == "nonlinearity":
                 kw[k] = v
         kw["bias"] = s.bias
@@ -691,7 +719,9 @@ class _Check:
 
         leaves = {k: v.to(dtype).to(device).requires_grad_(self.grad) for k, v in data.items()}
         x, h0, c0 = leaves["x"], leaves["h0"], leaves.get("c0")
-        model.train(self.grad)
+        model.train(self.grad and not self.eval)
+        if self.seeded:
+            torch.manual_seed(_seed_for(self.seed, "masks"))
         with torch.set_grad_enabled(self.grad):
             if self.cell:
                 if self.lstm:
@@ -864,10 +894,13 @@ def _run_correctness(task: dict, plan: dict, device) -> None:
         sd, data, lengths = ck.make_data()
         sd_dt = {k: v.to(ck.dtype) for k, v in sd.items()}
         # float64 reference on the CPU, from the values rounded to the check's dtype
-        ref_model = ck.build("fused", "torch", torch.float64, "cpu")
-        ref_model.load_state_dict({k: v.double() for k, v in sd_dt.items()})
-        q_data = {k: v.to(ck.dtype).double() for k, v in data.items()}
-        ref = ck.run(ref_model, q_data, lengths, "cpu", torch.float64)
+        ref_dev, ref_dt = (device, torch.float32) if ck.seeded else ("cpu", torch.float64)
+        ref_model = ck.build("fused", "torch", ref_dt, ref_dev)
+        ref_model.load_state_dict({k: v.to(ref_dt) for k, v in sd_dt.items()})
+        q_data = {k: v.to(ck.dtype).to(ref_dt) for k, v in data.items()}
+        with precision("fp32") if ck.seeded else contextlib.nullcontext():
+            ref = ck.run(ref_model, q_data, lengths, ref_dev, ref_dt)
+        ref = {k: None if v is None else v.to("cpu", torch.float64) for k, v in ref.items()}
         prep_error = None
     except Exception as exc:  # the reference itself failed: every check of the task errs
         prep_error = f"reference: {type(exc).__name__}: {_short(exc)}"

@@ -2,6 +2,7 @@
 
     python -m fused_rnn.bench.kernel_report [--quick] [--suite NAME ...] [--dtype fp16,bf16,fp32]
                                             [--strategy persistent,stepwise] [--jobs N] [--json]
+    python -m fused_rnn.bench.kernel_report --options [--dtype fp16,bf16] [--jobs N] [--json]
 
 For every benchmark suite size (bench/suites.py), cell and dtype it runs the kernel launchers
 (kernels/lstm.py, kernels/gru.py) on "meta" tensors, which hold shapes but no data, and catches
@@ -22,8 +23,11 @@ constexprs, options and specialisations) and read back:
               a 132-SM sm_90 (H100 SXM, H200): co-residency, shared memory, spills
 
 Compiles are cached by Triton (TRITON_CACHE_DIR): the first full run takes minutes on two cores,
-later ones seconds. `--quick` reports the flashrnn size in fp16 and bf16 only. Nothing here is a
-timing: these are properties of the compiled code.
+later ones seconds. `--quick` reports the flashrnn size in fp16 and bf16 only. `--options`
+reports instead the persistent kernels with zoneout, recurrent dropout and layer norm switched
+on (OPTION_VARIANTS: the same kernels, other constexprs) at the flashrnn size, in fp16 and bf16
+unless --dtype says otherwise. Nothing here is a timing: these are properties of the compiled
+code.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def capture(cell: str, T: int, B: int, H: int, P: int, dtype, strategy: str,
     """Runs the forward and backward launchers of `cell` at this size on meta tensors, catching
     the launches of `strategy`: the persistent launch of each direction, or the second launch of
     each stepwise kernel (the first step of the backward has no recurrent product). `variant`:
-    LSTM/GRU options lens, peep, coupled (bools)."""
+    LSTM/GRU options lens, peep, coupled, and the options zoneout, dropout, ln (bools)."""
     import torch
     import triton
 
@@ -199,27 +203,52 @@ def _run_cell(cell, T, B, H, P, dtype, persistent, variant):
         gx, w_hh = _meta((T, B, G * H), dtype), _meta((G * H, R), dtype)
         w_hr = _meta((P, H), dtype) if P else None
         w_ch = _meta(((G - 1) * H,), dtype) if variant.get("peep") else None
-        y, hs, cs, gates, ms = lstm_mod.lstm_fwd(
+        y, hs, cs, gates, ms, *aux = lstm_mod.lstm_fwd(
             gx, _meta((B, R), dtype), _meta((B, H), dtype), w_hh, w_hr, w_ch, lengths, False,
-            coupled, True, persistent=persistent,
+            coupled, True, *_options(variant, cell, B, R, H, G, dtype), persistent=persistent,
         )  # fmt: skip
-        needs = (True,) * 4 + (bool(P), w_ch is not None)
+        ln = variant.get("ln")
+        needs = (True,) * 4 + (bool(P), w_ch is not None) + ((True,) * 3 if ln else ())
         lstm_mod.lstm_bwd(
             _meta((T, B, R), dtype), _meta((B, R), dtype), _meta((B, H), dtype), hs, cs, gates,
-            ms, w_hh, w_hr, w_ch, lengths, False, coupled, needs, persistent=persistent,
+            ms, w_hh, w_hr, w_ch, lengths, False, coupled, needs, aux[0] if ln else None,
+            *_options(variant, cell, B, R, H, G, dtype), persistent=persistent,
         )  # fmt: skip
     else:
         c = gru_mod.CELL_GRU if cell == "gru" else gru_mod.CELL_RNN_TANH
         G = 3 if cell == "gru" else 1
         gx, w_hh = _meta((T, B, G * H), dtype), _meta((G * H, H), dtype)
         b_hn = _meta((H,), dtype) if cell == "gru" else None
-        y, hs, ws = gru_mod.gru_fwd(
-            c, gx, _meta((B, H), dtype), w_hh, b_hn, lengths, False, True, persistent=persistent
-        )
+        opts = _options(variant, cell, B, H, H, G, dtype)
+        y, hs, ws, *aux = gru_mod.gru_fwd(
+            c, gx, _meta((B, H), dtype), w_hh, b_hn, lengths, False, True, *opts,
+            persistent=persistent,
+        )  # fmt: skip
+        ln = opts[-1] is not None if opts else False
         gru_mod.gru_bwd(
             c, _meta((T, B, H), dtype), _meta((B, H), dtype), hs, ws, w_hh, lengths, False,
-            (True, True, True, cell == "gru"), persistent=persistent,
+            (True, True, True, cell == "gru") + ((True,) if ln else ()), aux[0] if ln else None,
+            *opts, persistent=persistent,
         )  # fmt: skip
+
+
+def _options(variant: dict, cell: str, B: int, R: int, H: int, G: int, dtype) -> tuple:
+    """The launchers' option arguments for `variant`'s zoneout (in training: masks drawn from a
+    (seed, offset) tensor), dropout (recurrent dropout's (B, R) mask) and ln (layer norm; the
+    LSTM's with LN_c), in their order after `store`; () without options."""
+    import torch
+
+    if not any(variant.get(k) for k in ("zoneout", "dropout", "ln")):
+        return ()
+    z = 0.25 if variant.get("zoneout") else 0.0
+    rng = _meta((2,), torch.int64) if z else None
+    drop = _meta((B, R), torch.float32) if variant.get("dropout") else None
+    ln = variant.get("ln") and cell != "rnn"
+    ln_hh = _meta((G * H,), dtype) if ln else None
+    if cell == "lstm":
+        ln_c = (_meta((H,), dtype), _meta((H,), dtype)) if ln else (None, None)
+        return (rng, z, z, 1, drop, ln_hh) + ln_c
+    return (rng, z, 1, drop, ln_hh)
 
 
 # --------------------------------------------------------------------------- compiling
@@ -487,19 +516,36 @@ VARIANTS = [
 ]
 
 
-def _plan(suites, dtypes, strategies, variants: bool) -> list[Row]:
+# The options in the persistent kernels (--options), at the flashrnn size: zoneout of c and h
+# (training: Philox masks), recurrent dropout, layer norm (the LSTM's LN_hh and LN_c, the GRU's
+# LN_hh; the RNN has none), with lengths
+_ALL = dict(lens=True, zoneout=True, dropout=True, ln=True)
+OPTION_VARIANTS = [
+    ("lstm", dict(zoneout=True, dropout=True), 0, "zoneout, recurrent dropout"),
+    ("lstm", dict(ln=True), 0, "layer norm"),
+    ("lstm", _ALL, 0, "lengths, zoneout, recurrent dropout, layer norm"),
+    ("lstm", dict(_ALL, peep=True), 256, "proj 256, peepholes, all options"),
+    ("gru", _ALL, 0, "lengths, zoneout, recurrent dropout, layer norm"),
+    ("rnn", dict(lens=True, zoneout=True, dropout=True), 0, "lengths, zoneout, recurrent dropout"),
+]
+
+
+def _plan(suites, dtypes, strategies, variants: bool, options: bool = False) -> list[Row]:
     import torch
 
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     work, done = [], set()
-    for name in suites:
+    flash = SUITES["flashrnn"].shapes[0]
+    for cell, variant, P, what in OPTION_VARIANTS if options else ():
+        key = (cell, flash.seq_len, flash.batch, flash.hidden_size, P)
+        work.append(("flashrnn", key, variant, what))
+    for name in [] if options else suites:
         for shape in SUITES[name].shapes:
             key = (shape.cell, shape.seq_len, shape.batch, shape.hidden_size, shape.proj_size)
             if key not in done:
                 done.add(key)
                 work.append((name, key, {}, ""))
-    if variants:  # at the flashrnn size
-        flash = SUITES["flashrnn"].shapes[0]
+    if variants and not options:  # at the flashrnn size
         for cell, variant, P, what in VARIANTS:
             key = (cell, flash.seq_len, flash.batch, flash.hidden_size, P)
             work.append(("flashrnn", key, variant, what))
@@ -587,20 +633,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=",".join(STRATEGIES), help="persistent,stepwise")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     p.add_argument("--json", action="store_true", help="one JSON object per kernel instead")
+    p.add_argument(
+        "--options",
+        action="store_true",
+        help="the persistent kernels with zoneout, recurrent dropout and layer norm at the "
+        "flashrnn size instead",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     suites = args.suite or (["flashrnn"] if args.quick else list(GPU_SUITES))
-    dtypes = ["fp16", "bf16"] if args.quick else args.dtype.split(",")
-    strategies = args.strategy.split(",")
+    quick_dtypes = args.quick or (args.options and args.dtype == ",".join(DTYPES))
+    dtypes = ["fp16", "bf16"] if quick_dtypes else args.dtype.split(",")
+    strategies = ["persistent"] if args.options else args.strategy.split(",")
     for v, allowed in ((dtypes, DTYPES), (strategies, STRATEGIES)):
         bad = [x for x in v if x not in allowed]
         if bad:
             raise SystemExit(f"unknown {bad}; choose from {allowed}")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = _plan(suites, dtypes, strategies, variants="flashrnn" in suites and not args.quick)
+    rows = _plan(suites, dtypes, strategies, variants="flashrnn" in suites and not args.quick,
+                 options=args.options)  # fmt: skip
     print(f"compiling {len(rows)} kernels for sm_90 ...", file=sys.stderr)
     if args.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
