@@ -76,11 +76,10 @@ Statuses: pass, fail (error above tolerance, NaN, missing gradient, a graph or l
 taken), race, error (an exception), hang, crash, unavailable (cannot run here, e.g. a CUDA-only
 check on the CPU: not a failure), skipped (not run: the budget, or a backend that hung).
 
-Hooks for work in flight: a cell option (zoneout, recurrent dropout, LayerNorm) is a KINDS entry
-(class name, constructor extras) plus its sizes in `correctness_plan`; a new fused backend
-(persistent v2, concurrent directions) is a FUSED_BACKENDS entry, checked wherever the others
-are once fused_rnn.dispatch knows it; a new path check is a `_CHECKS` function and a
-PATH_CHECKS entry, with its estimate in EST.
+Hooks for new work: a cell option is a KINDS entry (class name, constructor extras, as the
+"-options" kinds are) plus its sizes in `correctness_plan`; a new fused backend is a
+FUSED_BACKENDS entry, checked wherever the others are once fused_rnn.dispatch knows it; a new
+path check is a `_CHECKS` function and a PATH_CHECKS entry, with its estimate in EST.
 """
 
 from __future__ import annotations
