@@ -76,6 +76,9 @@ __all__ = [
     "_ln_partials",
     "_ln_stats",
     "_ln_sums",
+    "_ln_stats_all",
+    "_ln_sums_all",
+    "_part_at",
     "_ln_gate",
     "_mm_tile_ln",
     "_ln_du",
@@ -872,8 +875,8 @@ def _mm_tile_scaled(
 # The persistent kernels (one launch; programs own blocks of units for every row and meet at
 # grid barriers) run (c) as phases of a step, a grid barrier before each: forward, the product
 # u of the program's gate rows (into aux, its own columns) with per-row partials (`_ln_partials`,
-# one (programs, B, 2) buffer); barrier; every program merges all partials of its rows
-# (`_ln_stats`, loads ".cg": written by other programs of the same launch) and normalises its
+# one (B, programs, 2) buffer); barrier; every program merges all partials of its rows
+# (`_ln_stats_all`, loads ".cg": written by other programs of the same launch) and normalises its
 # own tile. LN_c: the cell phase leaves c̃, o and partials of c̃; barrier; the output phase.
 # Backward: the cell phase leaves da and per-program row sums of γ da, γ da û; barrier; each
 # program forms du = LN_hh'(da) of its own units (`_ln_du`) into a (B, G*H) buffer; the next
@@ -936,8 +939,8 @@ def _ln_rec_kernel(
 def _ln_partials(b_u, m_nb, n_p, p_part, m_b):
     """Stores the mean and M2 (sum of squared deviations) over the n_p valid rows (m_nb) of each
     column of b_u (N, BLOCK_B) at p_part, p_part + 1 (p_part: (BLOCK_B,) pointers into an
-    (n_blocks, B, 2) buffer): one block's partial statistics per batch row (`_ln_stats` merges
-    them)."""
+    (n_blocks, B, 2) buffer, or a persistent launch's (B, programs, 2), `_part_at`): one
+    block's partial statistics per batch row (`_ln_stats`, `_ln_stats_all` merge them)."""
     n_p = n_p.to(b_u.dtype)
     b_mean = tl.sum(tl.where(m_nb, b_u, 0.0), axis=0) / n_p
     b_dev = tl.where(m_nb, b_u - b_mean[None, :], 0.0)
@@ -946,35 +949,75 @@ def _ln_partials(b_u, m_nb, n_p, p_part, m_b):
 
 
 @triton.jit
-def _ln_stats(part, o_b, m_b, B, N, n_blocks, block_n, ACC: tl.constexpr, CACHE: tl.constexpr = ""):
+def _ln_stats(part, o_b, m_b, B, N, n_blocks, block_n, ACC: tl.constexpr):
     """(mean, rstd) (BLOCK_B,) in ACC of rows o_b over N values, from the per-block (mean, M2)
-    partials of `_ln_partials` (n_blocks blocks of block_n values, the last one short). CACHE:
-    the loads' cache modifier (".cg" where other programs of the same launch wrote them)."""
+    partials of `_ln_partials` (n_blocks blocks of block_n values, the last one short)."""
     b_sum = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_blocks):
         n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
-        b_sum += n_p * tl.load(part + (p * B + o_b) * 2, mask=m_b, other=0.0, cache_modifier=CACHE)
+        b_sum += n_p * tl.load(part + (p * B + o_b) * 2, mask=m_b, other=0.0)
     b_mean = b_sum / N
     b_m2 = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_blocks):
         n_p = tl.minimum(N - p * block_n, block_n).to(ACC)
         p_part = part + (p * B + o_b) * 2
-        b_d = tl.load(p_part, mask=m_b, other=0.0, cache_modifier=CACHE) - b_mean
-        b_m2 += tl.load(p_part + 1, mask=m_b, other=0.0, cache_modifier=CACHE) + n_p * b_d * b_d
+        b_d = tl.load(p_part, mask=m_b, other=0.0) - b_mean
+        b_m2 += tl.load(p_part + 1, mask=m_b, other=0.0) + n_p * b_d * b_d
     return b_mean, 1.0 / tl.sqrt(b_m2 / N + _LN_EPS)
 
 
 @triton.jit
-def _ln_sums(pb, o_b, m_b, B, n_parts, ACC: tl.constexpr, CACHE: tl.constexpr = ""):
-    """Two (BLOCK_B,) sums over n_parts per-program partials at pb ((n_parts, B, 2)); CACHE as
-    `_ln_stats`'."""
+def _ln_sums(pb, o_b, m_b, B, n_parts, ACC: tl.constexpr):
+    """Two (BLOCK_B,) sums over n_parts per-program partials at pb ((n_parts, B, 2))."""
     b_s1 = tl.zeros([o_b.shape[0]], dtype=ACC)
     b_s2 = tl.zeros([o_b.shape[0]], dtype=ACC)
     for p in range(0, n_parts):
         p_pb = pb + (p * B + o_b) * 2
-        b_s1 += tl.load(p_pb, mask=m_b, other=0.0, cache_modifier=CACHE)
-        b_s2 += tl.load(p_pb + 1, mask=m_b, other=0.0, cache_modifier=CACHE)
+        b_s1 += tl.load(p_pb, mask=m_b, other=0.0)
+        b_s2 += tl.load(p_pb + 1, mask=m_b, other=0.0)
     return b_s1, b_s2
+
+
+@triton.jit
+def _part_at(part, o_b, m_b, i_p, NP: tl.constexpr):
+    """(BLOCK_B,) pointers and mask of program i_p's per-row pair at part ((B, NP, 2), the layout
+    `_ln_stats_all` and `_ln_sums_all` read) for rows o_b. Programs i_p >= NP (with projection
+    a launch has more programs than unit blocks) own no units and store nothing. The program
+    test is made per element: a scalar int1 broadcast against m_b is not a valid mask under
+    the interpreter (its splat keeps int32 data)."""
+    return part + (o_b * NP + i_p) * 2, m_b & (o_b * 0 + i_p < NP)
+
+
+@triton.jit
+def _ln_stats_all(part, o_b, m_b, N, NP: tl.constexpr, block_n, ACC: tl.constexpr):
+    """`_ln_stats` of a persistent kernel, whose NP programs (a constexpr) wrote their partials
+    at part ((B, NP, 2): a batch row's partials contiguous) earlier in the same launch: read
+    (".cg") as one (BLOCK_B, NP) tile each, all loads issued at once (a loop would wait for
+    each in turn), a thread's elements at constant offsets from one address, and merged as
+    `_ln_stats` does (Chan's pairwise update, as a sum over the tile)."""
+    o_p = tl.arange(0, triton.next_power_of_2(NP))
+    m_p = o_p < NP
+    m_bp = m_b[:, None] & m_p[None, :]
+    p_part = part + (o_b[:, None] * NP + o_p[None, :]) * 2
+    b_mp = tl.load(p_part, mask=m_bp, other=0.0, cache_modifier=".cg")
+    b_m2 = tl.load(p_part + 1, mask=m_bp, other=0.0, cache_modifier=".cg")
+    n_p = tl.where(m_p, tl.minimum(N - o_p * block_n, block_n), 0).to(ACC)[None, :]
+    b_mean = tl.sum(n_p * b_mp, axis=1) / N
+    b_d = b_mp - b_mean[:, None]
+    b_m2 = tl.sum(b_m2 + n_p * b_d * b_d, axis=1)
+    return b_mean, 1.0 / tl.sqrt(b_m2 / N + _LN_EPS)
+
+
+@triton.jit
+def _ln_sums_all(pb, o_b, m_b, NP: tl.constexpr, ACC: tl.constexpr):
+    """`_ln_sums` of a persistent kernel: NP programs' sums at pb ((B, NP, 2)), read as
+    `_ln_stats_all` reads its partials."""
+    o_p = tl.arange(0, triton.next_power_of_2(NP))
+    m_bp = m_b[:, None] & (o_p < NP)[None, :]
+    p_pb = pb + (o_b[:, None] * NP + o_p[None, :]) * 2
+    b_s1 = tl.load(p_pb, mask=m_bp, other=0.0, cache_modifier=".cg")
+    b_s2 = tl.load(p_pb + 1, mask=m_bp, other=0.0, cache_modifier=".cg")
+    return tl.sum(b_s1, axis=1), tl.sum(b_s2, axis=1)
 
 
 @triton.jit

@@ -99,7 +99,9 @@ from ._common import (
     _ln_partials,
     _ln_rec_kernel,
     _ln_stats,
+    _ln_stats_all,
     _ln_sums,
+    _ln_sums_all,
     _mm_tile,
     _mm_tile_ln,
     _mm_tile_scaled,
@@ -608,7 +610,7 @@ def _fwd_persistent_kernel(
     #      processing step s (slot 0 written by the launcher), read back by all programs
     ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (GRU; its bias is in gx and b_hn)
     aux,  # (T or 1, B, G*H + 1) ACC, layer norm: u (own columns) -> û in place, rstd at G*H
-    part,  # (programs, B, 2) ACC, layer norm: each program's mean and M2 of its values of u
+    part,  # (B, programs, 2) ACC, layer norm: each program's mean and M2 of its values of u
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
     B,
@@ -691,7 +693,7 @@ def _fwd_persistent_kernel(
                 m_u = m_m[:, None] & m_b[None, :]
                 o_u = o_b[None, :] * LD + (o_mg * H + o_mu)[:, None]
                 tl.store(aux + i_t * ln_ts + o_u, b_u, mask=m_u)
-                _ln_partials(b_u, m_u, n_own, part + (i_u * B + o_b) * 2, m_b)
+                _ln_partials(b_u, m_u, n_own, part + (o_b * N_U + i_u) * 2, m_b)
             else:
                 m_hb = m_h[:, None] & m_b[None, :]
                 o_bh = o_b[None, :] * H + o_h[:, None]
@@ -724,7 +726,7 @@ def _fwd_persistent_kernel(
                 b_g0, b_gz, b_gn = _gru_load_gx(gx + i_t * B * G * H + o_bg, m_hb, H, CELL, ACC)
                 b_h = tl.load(hs + s_in * B * H + o_bh, mask=m_hb, other=0.0)
                 m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-                b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, N_U, G * BLOCK_U, ACC, ".cg")
+                b_mean, b_rstd = _ln_stats_all(part, o_b, m_b, G * H, N_U, G * BLOCK_U, ACC)
                 # a_g = γ_g ⊙ û_g, û = (u - mean) rstd stored back for backward; b_hn after it
                 p_u = aux + i_t * ln_ts + o_b[None, :] * LD + o_h[:, None]
                 b_a0 = _ln_gate(p_u, ln_hh + o_h, m_h, m_hb, b_mean, b_rstd)
@@ -743,7 +745,7 @@ def _fwd_persistent_kernel(
 @triton.jit
 def _gru_ln_partials(p_pb, ln_hh, p_xh, o_h, m_h, m_b, m_hb, b_d0, b_dz, b_dhn, H,
                      ACC: tl.constexpr):  # fmt: skip
-    """Stores at p_pb ((BLOCK_B,) pointers into a (programs, B, 2) buffer) the row sums over
+    """Stores at p_pb ((BLOCK_B,) pointers into a buffer of per-program sums) the row sums over
     units o_h of γ dgh and γ dgh û, dgh = dr | dz | dhn (ACC) the gradient of LN_hh's output;
     p_xh: û of the tile (ACC, row stride of aux)."""
     b_v0 = tl.load(ln_hh + o_h, mask=m_h, other=0.0).to(ACC)[:, None] * b_d0
@@ -779,7 +781,7 @@ def _bwd_persistent_kernel(
     drop,  # (B, H) ACC: recurrent dropout's mask, or None
     ln_hh,  # (G*H,) input dtype or None: LN_hh's gains (layer norm, GRU)
     aux,  # (T, B, G*H + 1) ACC, layer norm: forward's û and rstd
-    pb,  # (programs, B, 2) ACC, layer norm: each program's row sums of γ dgh and γ dgh û
+    pb,  # (B, programs, 2) ACC, layer norm: each program's row sums of γ dgh and γ dgh û
     du,  # (B, G*H) input dtype, layer norm: LN_hh'(dgh) of the step just done, read back by all
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
@@ -901,14 +903,14 @@ def _bwd_persistent_kernel(
             tl.store(carry + o_bh, b_carry, mask=m_hb)
             if HAS_LN:  # this program's row sums of γ dgh and γ dgh û, for du
                 p_xh = aux + i_t * B * LD + o_b[None, :] * LD + o_h[:, None]
-                _gru_ln_partials(pb + (i_u * B + o_b) * 2, ln_hh, p_xh, o_h, m_h, m_b, m_hb,
+                _gru_ln_partials(pb + (o_b * N_U + i_u) * 2, ln_hh, p_xh, o_h, m_h, m_b, m_hb,
                                  b_d0, b_dz, b_dhn, H, ACC)  # fmt: skip
         if HAS_LN:
             _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dgh's row sums of every program
             for b0 in tl.range(0, B, BLOCK_B, num_stages=1):
                 o_b = b0 + tl.arange(0, BLOCK_B)
                 m_b = o_b < B
-                b_s1, b_s2 = _ln_sums(pb, o_b, m_b, B, N_U, ACC, ".cg")
+                b_s1, b_s2 = _ln_sums_all(pb, o_b, m_b, N_U, ACC)
                 p_aux = aux + i_t * B * LD
                 b_rstd = tl.load(p_aux + o_b * LD + G * H, mask=m_b, other=0.0)
                 _ln_du(du, dgh + i_t * B * G * H, p_aux, ln_hh, b_s1 / (G * H), b_s2 / (G * H),
@@ -974,7 +976,7 @@ def _gru_fwd_persistent(gx, hs, w_hh, b_hn, lengths, y, ws, reverse, kw, rng, zo
         hd = torch.empty((2, B, H), dtype=gx.dtype, device=gx.device)
         hd[0] = (hs[T if reverse else 0].to(acc) * drop).to(gx.dtype)
     if ln_hh is not None:
-        part = torch.empty((tiles[0].programs, B, 2), dtype=acc, device=gx.device)
+        part = torch.empty((B, tiles[0].programs, 2), dtype=acc, device=gx.device)
     ts = B * (GH + 1) if aux is not None and aux.shape[0] == T else 0
     return launch_persistent(
         _fwd_persistent_kernel, tiles, barriers=_barriers(T, 1 if ln_hh is None else 2),
@@ -1079,7 +1081,7 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=
         tiles = _persistent_tiles(B, H, cell, dy, backward=True)
         opt, du, pb = _option_args(rng, zoneout, stream, drop), None, None
         if ln_hh is not None:
-            pb = torch.empty((tiles[0].programs, B, 2), dtype=acc, device=dy.device)
+            pb = torch.empty((B, tiles[0].programs, 2), dtype=acc, device=dy.device)
             du = torch.empty((B, G * H), dtype=dt, device=dy.device)
         ran = launch_persistent(
             _bwd_persistent_kernel, tiles, barriers=_barriers(T, 1 if ln_hh is None else 2),

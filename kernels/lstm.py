@@ -116,9 +116,12 @@ from ._common import (
     _ln_partials,
     _ln_rec_kernel,
     _ln_stats,
+    _ln_stats_all,
     _ln_sums,
+    _ln_sums_all,
     _mm_tile,
     _mm_tile_ln,
+    _part_at,
     _sigmoid,
     _split_gates,
     _tanh,
@@ -730,10 +733,10 @@ def _lstm_bwd_dh_kernel(
 
 
 @triton.jit
-def _lstm_ln_partials(pb, ln_hh, p_aux, i_h, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai, b_daf,
-                      b_dag, b_dao, COUPLED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Stores this program's row sums over its units and gates of γ da and γ da û at
-    pb[i_h] ((n_programs, B, 2)); p_aux: the step's (B, LD) slab of û."""
+def _lstm_ln_partials(p_pb, m_pb, ln_hh, p_aux, o_h, m_h, o_b, m_hb, H, LD, b_dai, b_daf, b_dag,
+                      b_dao, COUPLED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Stores this program's row sums over its units and gates of γ da and γ da û at p_pb,
+    p_pb + 1 ((BLOCK_B,) pointers, mask m_pb); p_aux: the step's (B, LD) slab of û."""
     GF: tl.constexpr = 0 if COUPLED else 1
     o_u = o_b[None, :] * LD + o_h[:, None]
     b_s1 = tl.zeros([o_b.shape[0]], dtype=ACC)
@@ -753,9 +756,8 @@ def _lstm_ln_partials(pb, ln_hh, p_aux, i_h, o_h, m_h, o_b, m_b, m_hb, B, H, LD,
             b_v = tl.where(m_hb, b_v, 0.0)
             b_s1 += tl.sum(b_v, axis=0)
             b_s2 += tl.sum(b_v * tl.load(p_aux + col + o_u, mask=m_hb, other=0.0), axis=0)
-    p_pb = pb + (i_h * B + o_b) * 2
-    tl.store(p_pb, b_s1, mask=m_b)
-    tl.store(p_pb + 1, b_s2, mask=m_b)
+    tl.store(p_pb, b_s1, mask=m_pb)
+    tl.store(p_pb + 1, b_s2, mask=m_pb)
 
 
 @triton.heuristics(
@@ -838,19 +840,20 @@ def _lstm_bwd_ln_out_kernel(
         gates + o_gx, cs, s_in, s_out, o_c, m_hb, B, H, COUPLED, ACC
     )
     m_live = _live(lengths, t, o_b, m_b, HAS_LEN)
-    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux, ln_c_w, ln_c_b,
-                     t64, i_h, o_h, m_h, o_b, m_b, B, H, G, COUPLED, ACC)  # fmt: skip
+    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc + (i_h * B + o_b) * 2,
+                     m_b, aux, ln_c_w, ln_c_b, t64, o_h, m_h, o_b, m_b, B, H, G, COUPLED,
+                     ACC)  # fmt: skip
 
 
 @triton.jit
-def _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux, ln_c_w, ln_c_b,
-                     t64, i_p, o_h, m_h, o_b, m_b, B, H, G: tl.constexpr, COUPLED: tl.constexpr,
-                     ACC: tl.constexpr):  # fmt: skip
+def _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, p_pc, m_pc, aux, ln_c_w,
+                     ln_c_b, t64, o_h, m_h, o_b, m_b, B, H, G: tl.constexpr,
+                     COUPLED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Backward of m = o ⊙ tanh(q), q = LN_c(c̃) = γ_c ĉ + β_c, for units o_h of rows o_b of step
     t64 from dm and forward's gates (b_i.. in ACC, c̃ = f c + i g recomputed) and c_{t-1}:
     da_o = dm tanh(q) o(1-o) into dgx's o block, dq = dm o (1 - tanh²q) into dqs ((T, B, H)
     ACC), zero where the step is dead, and this program's row sums of γ_c dq and γ_c dq ĉ at
-    pc[i_p] ((programs, B, 2)): LN_c' needs them over all H units."""
+    p_pc, p_pc + 1 ((BLOCK_B,) pointers, mask m_pc): LN_c' needs them over all H units."""
     m_hb = m_h[:, None] & m_b[None, :]
     LD = G * H + 3
     o_c = o_b[None, :] * H + o_h[:, None]
@@ -869,9 +872,8 @@ def _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux, 
     tl.store(dgx + o_gx + (G - 1) * H, b_dao.to(dgx.dtype.element_ty), mask=m_hb)
     tl.store(dqs + t64 * B * H + o_c, b_dq, mask=m_hb)
     b_v = b_gw * b_dq
-    p_pc = pc + (i_p * B + o_b) * 2
-    tl.store(p_pc, tl.sum(b_v, axis=0), mask=m_b)
-    tl.store(p_pc + 1, tl.sum(b_v * b_ch, axis=0), mask=m_b)
+    tl.store(p_pc, tl.sum(b_v, axis=0), mask=m_pc)
+    tl.store(p_pc + 1, tl.sum(b_v * b_ch, axis=0), mask=m_pc)
 
 
 @triton.jit
@@ -1024,15 +1026,16 @@ def _lstm_bwd_tail(b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, 
                    n_pc, z_stream, z_c, thr_c, G: tl.constexpr, COUPLED: tl.constexpr,
                    ACC: tl.constexpr, HAS_PEEP: tl.constexpr, HAS_RNG: tl.constexpr,
                    ZONE_C: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNC: tl.constexpr,
-                   CACHE: tl.constexpr = ""):  # fmt: skip
+                   ALL: tl.constexpr = False):  # fmt: skip
     """The cell's backward of step t for units o_h of rows o_b (both strategies), from dm (the
     gradient of m; unused with LN_c, whose output backward left da_o and dq), forward's gates
     and c_{t-1}, c (ACC) and dc (reaching the cell state after t): da_t into dgx (zero where
     dead), dc_{t-1} into dc; with layer norm this program's row sums of γ da and γ da û at
     pb[i_p]. Zoneout of c: the gradient of c_t splits into (1 - d) ⊙ it, the candidate c̃'s,
     and d ⊙ it, which reaches c_{t-1} directly; c̃ = f c + i g is recomputed (c is the zoned
-    state). LN_c: dc̃ gains LN_c'(dq) from the row sums of every program at pc (n_pc of them;
-    CACHE: their loads' cache modifier)."""
+    state). LN_c: dc̃ gains LN_c'(dq) from the row sums of every program at pc (n_pc of them).
+    ALL: a persistent launch's sums, (B, n_pc, 2) with n_pc a constexpr (`_common._ln_sums_all`);
+    else the stepwise kernels' (n_pc, B, 2)."""
     m_hb = m_h[:, None] & m_b[None, :]
     LD = G * H + 3
     o_c = o_b[None, :] * H + o_h[:, None]
@@ -1047,7 +1050,10 @@ def _lstm_bwd_tail(b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, 
         if HAS_LNC:
             # dc̃ += LN_c'(dq) = rstd_c (γ_c dq - mean(γ_c dq) - ĉ mean(γ_c dq ĉ)), and the
             # output gate's peephole term; dm already went to da_o and dq
-            b_s1, b_s2 = _ln_sums(pc, o_b, m_b, B, n_pc, ACC, CACHE)
+            if ALL:
+                b_s1, b_s2 = _ln_sums_all(pc, o_b, m_b, n_pc, ACC)
+            else:
+                b_s1, b_s2 = _ln_sums(pc, o_b, m_b, B, n_pc, ACC)
             p_st = aux + t64 * B * LD + o_b * LD + G * H
             b_mc = tl.load(p_st + 1, mask=m_b, other=0.0)[None, :]
             b_rc = tl.load(p_st + 2, mask=m_b, other=0.0)[None, :]
@@ -1074,9 +1080,13 @@ def _lstm_bwd_tail(b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, 
             b_dcp += b_dz * b_dc
         b_dc = tl.where(m_live, b_dcp, b_dc)
         if HAS_LN:  # this program's row sums of γ da and γ da û, for the next step's product
+            if ALL:  # (B, programs, 2)
+                p_pb, m_pb = _part_at(pb, o_b, m_b, i_p, n_pc)
+            else:  # (programs, B, 2)
+                p_pb, m_pb = pb + (i_p * B + o_b) * 2, m_b
             _lstm_ln_partials(
-                pb, ln_hh, aux + t64 * B * LD, i_p, o_h, m_h, o_b, m_b, m_hb, B, H, LD, b_dai,
-                b_daf, b_dag, b_dao, COUPLED, ACC,
+                p_pb, m_pb, ln_hh, aux + t64 * B * LD, o_h, m_h, o_b, m_hb, H, LD, b_dai, b_daf,
+                b_dag, b_dao, COUPLED, ACC,
             )  # fmt: skip
     elif ZONE_C:
         b_dz = _zoneout_factor(rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG, ACC)
@@ -1140,7 +1150,9 @@ def _lstm_fwd_tail(b_ai, b_af, b_ag, b_ao, b_gi, b_gf, b_gg, b_go, b_cp, b_hp, b
         tl.store(co + o_c + o_b[None, :] * H, b_c, mask=m_hb)
         tl.store(co + o_c + o_b[None, :] * H + H, b_o, mask=m_hb)
         n_p = tl.maximum(tl.minimum(H - i_u * BLOCK_U, BLOCK_U), 1)
-        _ln_partials(b_c, m_hb, n_p, part_c + (i_u * B + o_b) * 2, m_b)
+        N_U: tl.constexpr = (H + BLOCK_U - 1) // BLOCK_U  # programs owning units
+        p_pc, m_pc = _part_at(part_c, o_b, m_b, i_u, N_U)
+        _ln_partials(b_c, m_hb, n_p, p_pc, m_pc)
     if ZONE_C:
         b_c = _zone(b_cp, b_c, rng, t, z_stream, o_h, o_b, H, z_c, thr_c, 1, HAS_RNG)
     tl.store(cs + s_out * B * H + o_c, tl.where(m_live, b_c, b_cp), mask=m_hb)
@@ -1190,8 +1202,8 @@ def _lstm_fwd_persistent_kernel(
     ln_c_b,  # (H,) input dtype or None: LN_c's bias
     aux,  # (T or 1, B, G*H + 3) ACC, layer norm: u (own columns) -> û in place, rstd at G*H,
     #       LN_c's mean and rstd at G*H + 1, G*H + 2 (program 0 writes the row statistics)
-    part,  # (programs, B, 2) ACC, layer norm: each program's mean and M2 of its values of u
-    part_c,  # (programs, B, 2) ACC, LN_c: each program's mean and M2 of its units' c̃
+    part,  # (B, programs, 2) ACC, layer norm: each program's mean and M2 of its values of u
+    part_c,  # (B, programs, 2) ACC, LN_c: each program's mean and M2 of its units' c̃
     co,  # (B, 2H) ACC, LN_c: c̃ and o of the step (each program writes and reads its units)
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
     T,
@@ -1299,7 +1311,8 @@ def _lstm_fwd_persistent_kernel(
                 m_u = m_m[:, None] & m_b[None, :]
                 o_u = o_b[None, :] * LD + (o_mg * H + o_mu)[:, None]
                 tl.store(aux + t64 * ln_ts + o_u, b_u, mask=m_u)
-                _ln_partials(b_u, m_u, n_own, part + (i_u * B + o_b) * 2, m_b)
+                p_pu, m_pu = _part_at(part, o_b, m_b, i_u, N_U)
+                _ln_partials(b_u, m_u, n_own, p_pu, m_pu)
             else:
                 m_hb = m_h[:, None] & m_b[None, :]
                 o_c = o_b[None, :] * H + o_h[:, None]  # this program's elements of (B, H)
@@ -1346,7 +1359,7 @@ def _lstm_fwd_persistent_kernel(
                     b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb, other=0.0)
                 else:
                     b_hp = 0.0
-                b_mean, b_rstd = _ln_stats(part, o_b, m_b, B, G * H, N_U, G * BLOCK_U, ACC, ".cg")
+                b_mean, b_rstd = _ln_stats_all(part, o_b, m_b, G * H, N_U, G * BLOCK_U, ACC)
                 # a = gx + γ ⊙ û, û = (u - mean) rstd stored back for backward
                 p_u = aux + t64 * ln_ts + o_b[None, :] * LD + o_h[:, None]
                 b_af = _ln_gate(p_u + GF * H, ln_hh + GF * H + o_h, m_h, m_hb, b_mean, b_rstd)
@@ -1377,7 +1390,7 @@ def _lstm_fwd_persistent_kernel(
                     b_hp = tl.load(hs + s_in * B * R + o_c, mask=m_hb, other=0.0)
                 else:
                     b_hp = 0.0
-                b_mean, b_rstd = _ln_stats(part_c, o_b, m_b, B, H, N_U, BLOCK_U, ACC, ".cg")
+                b_mean, b_rstd = _ln_stats_all(part_c, o_b, m_b, H, N_U, BLOCK_U, ACC)
                 if i_u == 0:
                     p_st = aux + t64 * ln_ts + o_b * LD + G * H
                     tl.store(p_st + 1, b_mean, mask=m_b)
@@ -1410,14 +1423,14 @@ def _lstm_fwd_persistent_kernel(
 
 
 @triton.jit
-def _lstm_bwd_du(du, dgx, aux, ln_hh, pb, t64, o_h, m_h, o_b, m_b, B, n_pb, G: tl.constexpr,
-                 H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+def _lstm_bwd_du(du, dgx, aux, ln_hh, pb, t64, o_h, m_h, o_b, m_b, B, N_PB: tl.constexpr,
+                 G: tl.constexpr, H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Layer norm's last backward phase of step t for units o_h (all G gates) of rows o_b:
     du = LN_hh'(da) = rstd (γ da - mean(γ da) - û mean(γ da û)) into du ((B, G*H), the
     operand of the next step's product), the row means merged from every program's sums in pb
     (`_common._ln_du`)."""
     LD: tl.constexpr = G * H + 3
-    b_s1, b_s2 = _ln_sums(pb, o_b, m_b, B, n_pb, ACC, ".cg")
+    b_s1, b_s2 = _ln_sums_all(pb, o_b, m_b, N_PB, ACC)
     p_aux = aux + t64 * B * LD
     b_rstd = tl.load(p_aux + o_b * LD + G * H, mask=m_b, other=0.0)
     _ln_du(du, dgx + t64 * B * G * H, p_aux, ln_hh, b_s1 / (G * H), b_s2 / (G * H), b_rstd, o_h,
@@ -1454,8 +1467,8 @@ def _lstm_bwd_persistent_kernel(
     ln_c_w,  # (H,) input dtype or None: LN_c's gain
     ln_c_b,  # (H,) input dtype or None: LN_c's bias
     aux,  # (T, B, G*H + 3) ACC, layer norm: forward's û, rstd, LN_c's mean and rstd
-    pb,  # (programs, B, 2) ACC, layer norm: each program's row sums of γ da and γ da û
-    pc,  # (programs, B, 2) ACC, LN_c: each program's row sums of γ_c dq and γ_c dq ĉ
+    pb,  # (B, programs, 2) ACC, layer norm: each program's row sums of γ da and γ da û
+    pc,  # (B, programs, 2) ACC, LN_c: each program's row sums of γ_c dq and γ_c dq ĉ
     dqs,  # (T, B, H) ACC, out, LN_c: dq, the gradient of LN_c's output
     du,  # (B, G*H) input dtype, layer norm: LN_hh'(da) of the step just done, read back by all
     cnt,  # (1,) int32, zeroed: the grid barrier's counter
@@ -1589,15 +1602,16 @@ def _lstm_bwd_persistent_kernel(
                 b_dq = tl.where(m_live, b_tot, 0.0)
                 tl.store(dhs + t64 * B * R + o_dq, b_dq.to(dhs.dtype.element_ty), mask=m_qb)
             elif HAS_LNC:
-                _lstm_ln_out_bwd(b_tot, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux,
-                                 ln_c_w, ln_c_b, t64, i_u, o_h, m_h, o_b, m_b, B, H, G, COUPLED,
+                p_pc, m_pc = _part_at(pc, o_b, m_b, i_u, N_U)
+                _lstm_ln_out_bwd(b_tot, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, p_pc, m_pc,
+                                 aux, ln_c_w, ln_c_b, t64, o_h, m_h, o_b, m_b, B, H, G, COUPLED,
                                  ACC)  # fmt: skip
             else:
                 _lstm_bwd_tail(
                     b_tot, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc,
                     pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b, B, H,
                     N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG, ZONE_C,
-                    HAS_LN, HAS_LNC, ".cg",
+                    HAS_LN, HAS_LNC, True,
                 )  # fmt: skip
         if HAS_PROJ:
             _grid_barrier(cnt, (PH * k + 1) * n_prog)  # dh_t of every row of h is written
@@ -1616,15 +1630,16 @@ def _lstm_bwd_persistent_kernel(
                 b_dht = _k_tiles(dhs + t64 * B * R + o_b * R, m_b, 1, R, MAX_K, True, ".cg")
                 b_dm = _dot_tiles(b_wrt, b_dht, tl.zeros([BLOCK_U, BLOCK_B], dtype=ACC), DOT_PREC)
                 if HAS_LNC:
-                    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, pc, aux,
-                                     ln_c_w, ln_c_b, t64, i_u, o_h, m_h, o_b, m_b, B, H, G,
+                    p_pc, m_pc = _part_at(pc, o_b, m_b, i_u, N_U)
+                    _lstm_ln_out_bwd(b_dm, b_i, b_f, b_g, b_o, b_cp, m_live, dgx, dqs, p_pc,
+                                     m_pc, aux, ln_c_w, ln_c_b, t64, o_h, m_h, o_b, m_b, B, H, G,
                                      COUPLED, ACC)  # fmt: skip
                 else:
                     _lstm_bwd_tail(
                         b_dm, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx,
                         dc, pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b,
                         B, H, N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG,
-                        ZONE_C, HAS_LN, HAS_LNC, ".cg",
+                        ZONE_C, HAS_LN, HAS_LNC, True,
                     )  # fmt: skip
         if HAS_LNC:
             _grid_barrier(cnt, (PH * k + I_LNC) * n_prog)  # dq's row sums of every program
@@ -1643,7 +1658,7 @@ def _lstm_bwd_persistent_kernel(
                     0.0, b_i, b_f, b_g, b_o, b_cp, b_c, b_dc, b_pi, b_pf, b_po, m_live, dgx, dc,
                     pb, pc, aux, dqs, ln_hh, ln_c_w, rng, t, t64, i_u, o_h, m_h, o_b, m_b, B, H,
                     N_U, z_stream, z_c, thr_c, G, COUPLED, ACC, HAS_PEEP, HAS_RNG, ZONE_C,
-                    HAS_LN, HAS_LNC, ".cg",
+                    HAS_LN, HAS_LNC, True,
                 )  # fmt: skip
         if HAS_LN:
             _grid_barrier(cnt, (PH * k + I_LN) * n_prog)  # da's row sums of every program
@@ -1734,9 +1749,9 @@ def _lstm_fwd_persistent(gx, hs, cs, y, gates, ms, w_hh, w_hr, w_ch, lengths, re
     part = part_c = co = None
     ln_on, lnc_on = opt["ln_hh"] is not None, opt["ln_c_w"] is not None
     if ln_on:
-        part = torch.empty((n, B, 2), dtype=acc, device=dev)
+        part = torch.empty((B, n, 2), dtype=acc, device=dev)
     if lnc_on:
-        part_c = torch.empty((n, B, 2), dtype=acc, device=dev)
+        part_c = torch.empty((B, n, 2), dtype=acc, device=dev)
         co = torch.empty((B, 2 * H), dtype=acc, device=dev)
     per_step = 1 + int(ln_on) + int(lnc_on) + int(proj)
     return launch_persistent(
@@ -1858,10 +1873,10 @@ def _lstm_bwd_persistent(dy, dh, dc, dgx, dhs, cs, gates, w_hh, w_hr, w_ch, leng
     acc, dev = cs.dtype, dy.device
     pb = pc = dqs = du = None
     if opt["ln_hh"] is not None:
-        pb = torch.empty((n, B, 2), dtype=acc, device=dev)
+        pb = torch.empty((B, n, 2), dtype=acc, device=dev)
         du = torch.empty((B, GH), dtype=dy.dtype, device=dev)
     if opt["ln_c_w"] is not None:
-        pc = torch.empty((n, B, 2), dtype=acc, device=dev)
+        pc = torch.empty((B, n, 2), dtype=acc, device=dev)
         dqs = new_output((T, B, H), acc, dev)
     per_step = 1 + int(proj) + int(pc is not None) + int(pb is not None)
     ran = launch_persistent(
