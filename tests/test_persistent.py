@@ -684,3 +684,24 @@ def test_compiles_for_sm90_wgmma_without_spills():
         assert r["smem"] <= H100.smem_per_block and r["regs"] <= 255, what
         assert r["verdict"] == "yes" and r["choice"] == 1, what  # the preferred tiling
         assert r["bar_sync"] <= 20, what  # v1: 40-61 per step (bench/NOTES.md)
+
+
+def test_kernel_report_catches_stepwise_launches():
+    """The compile report catches the stepwise kernels' launches (compiling nothing) as it does
+    the persistent ones', whatever the launch path: the lean launcher would otherwise ask the
+    driver of a GPU this machine lacks. Outside the interpreter, as the report runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\n"
+        "from fused_rnn.bench import kernel_report as kr\n"
+        "for cell in ('lstm', 'gru', 'rnn'):\n"
+        "    for c in kr.capture(cell, 4, 2, 16, 0, torch.float16, 'stepwise'):\n"
+        "        print(c.label, c.persistent)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    labels = res.stdout.split("\n")
+    for want in ("lstm fwd cell False", "lstm bwd cell False", "gru fwd step False",
+                 "gru bwd step False", "rnn fwd step False", "rnn bwd step False"):  # fmt: skip
+        assert want in labels, res.stdout
