@@ -95,14 +95,14 @@ class Zoneout:
 
     p = 0: None (no zoneout). Evaluation (rng None): the float p, the expectation. Training:
     the (B, W) 0/1 masks of the generator in `acc`, made CHUNK steps at a time (time indices
-    t // CHUNK * CHUNK ...), never for the whole sequence at once.
+    t // CHUNK * CHUNK ...), never for the whole sequence at once, and none past step T - 1.
     """
 
     CHUNK = 32
 
-    def __init__(self, rng, p: float, stream: int, which: int, B: int, W: int, acc):
+    def __init__(self, rng, p: float, stream: int, which: int, B: int, W: int, acc, T: int):
         self.rng, self.p, self.stream, self.which = rng, float(p), int(stream), which
-        self.B, self.W, self.acc = B, W, acc
+        self.B, self.W, self.acc, self.T = B, W, acc, T
         self._base, self._masks = None, None
 
     def __bool__(self) -> bool:
@@ -115,7 +115,7 @@ class Zoneout:
             return self.p
         base = t - t % self.CHUNK
         if base != self._base:
-            steps = range(base, base + self.CHUNK)
+            steps = range(base, min(base + self.CHUNK, self.T))
             keep = _rng.keep_masks(self.rng, steps, self.B, self.W, self.stream, self.which, self.p)
             self._base, self._masks = base, keep.to(self.acc)
         return self._masks[t - base]
@@ -175,8 +175,8 @@ def lstm_fwd(gx, h0, c0, w_hh, w_hr, w_ch, lengths, reverse, coupled, store, rng
     w_rt = None if w_hr is None else w_hr.to(acc).t()
     p_i, p_f, p_o = _peepholes(w_ch, coupled, acc)
     live = _live(lengths, T, gx.device)
-    zc = Zoneout(rng, zoneout_c, stream, _rng.WHICH_C, B, H, acc)
-    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, R, acc)
+    zc = Zoneout(rng, zoneout_c, stream, _rng.WHICH_C, B, H, acc, T)
+    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, R, acc, T)
     mask = None if drop is None else drop.to(acc)
     g_hh = None if ln_hh is None else ln_hh.to(acc)
     g_c = None if ln_c_w is None else ln_c_w.to(acc)
@@ -313,8 +313,8 @@ def _lstm_bwd_options(dy, dhT, dcT, hs, cs, gates, ms, w_hh, w_hr, w_ch, lengths
     k_g = i * (1.0 - g * g)
     k_in = torch.stack([k_f, k_g] if coupled else [g * i * (1.0 - i), k_f, k_g], dim=2)
     p_i, p_f, p_o = _peepholes(w_ch, coupled, acc)
-    zc = Zoneout(rng, zoneout_c, stream, _rng.WHICH_C, B, H, acc)
-    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, R, acc)
+    zc = Zoneout(rng, zoneout_c, stream, _rng.WHICH_C, B, H, acc, T)
+    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, R, acc, T)
     mask = None if drop is None else drop.to(acc)
     if g_hh is not None:
         u_hat, rstd = aux[..., :GH], aux[..., GH : GH + 1]
@@ -420,7 +420,7 @@ def gru_fwd(cell, gx, h0, w_hh, b_hn, lengths, reverse, store, rng=None, zoneout
     s0 = T if reverse else 0
     hs[s0] = h0
     gru = cell == CELL_GRU
-    zh = Zoneout(rng, zoneout, stream, _rng.WHICH_H, B, H, acc)
+    zh = Zoneout(rng, zoneout, stream, _rng.WHICH_H, B, H, acc, T)
     if gru:
         ws = gx.new_empty((T, B, 4 * H), dtype=acc)
     else:
@@ -500,7 +500,7 @@ def gru_bwd(cell, dy, dhT, hs, ws, w_hh, lengths, reverse, needs, aux=None, rng=
     ins, outs = _slots(T, reverse)
     h_prev = hs[ins].to(acc)
     live = _live(lengths, T, hs.device)
-    zh = Zoneout(rng, zoneout, stream, _rng.WHICH_H, B, H, acc)
+    zh = Zoneout(rng, zoneout, stream, _rng.WHICH_H, B, H, acc, T)
     mask = None if drop is None else drop.to(acc)
     g_hh = None if ln_hh is None else ln_hh.to(acc)
     options = bool(zh) or mask is not None or g_hh is not None
@@ -945,8 +945,10 @@ def recurrence_autograd(mode, gx, h0, c0, w_hh, w_hr=None, w_ch=None, b_hn=None,
     xs = gx.unbind(0)
     ys: list[Tensor | None] = [None] * T
     dtype = gx.dtype
-    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, h0.shape[-1], dtype)
-    zc = Zoneout(rng, zoneout_c, stream, _rng.WHICH_C, B, 0 if c0 is None else c0.shape[-1], dtype)
+    zh = Zoneout(rng, zoneout_h, stream, _rng.WHICH_H, B, h0.shape[-1], dtype, T)
+    zc = Zoneout(
+        rng, zoneout_c, stream, _rng.WHICH_C, B, 0 if c0 is None else c0.shape[-1], dtype, T
+    )
     ln_c = None if ln_c_w is None else (ln_c_w, ln_c_b)
     for t in _steps(T, reverse):
         h_new, c_new = _step(mode, xs[t], h, c, w_hh, w_hr, w_ch, b_hn, coupled, drop, ln_hh, ln_c)

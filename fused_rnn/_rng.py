@@ -40,27 +40,40 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl sequence that bumps the key each round
 
 
-def _mul_hi_lo(a: int, b):
-    """(high, low) 32-bit words of a * b for a 32-bit constant a and b < 2**32 (an int64 tensor
-    or an int), without leaving int64 (a * b may need 64 bits): a is split into 16-bit halves."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    p_hi, p_lo = b * a_hi, b * a_lo  # each < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
-
-
 def philox(key: int | Tensor, c0: Tensor, c1, c2, c3, rounds: int = 10):
     """Philox4x32-`rounds` of counters (c0, c1, c2, c3) (32-bit values: int64 tensors, which
-    broadcast together, or ints) under the 64-bit `key` (an int or an int64 tensor, two's
-    complement bits); returns the four 32-bit output words (int64 tensors where an input was a
-    tensor). No tensor is made from host data: the function runs under CUDA graph capture."""
+    broadcast together, or ints; at least one a tensor) under the 64-bit `key` (an int or an
+    int64 tensor, two's complement bits); returns the four 32-bit output words as int64 tensors
+    of the broadcast shape. No tensor is made from host data: the function runs under CUDA graph
+    capture.
+
+    Each round's 32 x 32 -> 64-bit products are one int64 multiply: the product of two values
+    below 2**32 is below 2**64, and torch's int64 multiply keeps its low 64 bits (two's
+    complement wrap-around, on CPU and CUDA alike), from which `>> 32` and `& (2**32 - 1)` take
+    the high and low words (the sign bits an arithmetic shift brings in are masked off). The
+    known-answer tests (tests/test_regularised.py) check the result. The words live in four
+    buffers updated in place, two more for the products: 12 elementwise passes a round."""
     k0, k1 = key & _M32, (key >> 32) & _M32
-    c0, c1, c2, c3 = (c & _M32 for c in (c0, c1, c2, c3))
+    ref = next(c for c in (c0, c1, c2, c3) if isinstance(c, Tensor))
+    shape = torch.broadcast_shapes(*(c.shape for c in (c0, c1, c2, c3) if isinstance(c, Tensor)))
+    words = []
+    for c in (c0, c1, c2, c3):
+        w = torch.zeros(shape, dtype=torch.int64, device=ref.device)
+        words.append(w.add_(c).bitwise_and_(_M32))
+    c0, c1, c2, c3 = words
+    pa, pb = torch.empty_like(c0), torch.empty_like(c0)
     for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        torch.mul(c2, _ROUND_B, out=pb)
+        torch.mul(c0, _ROUND_A, out=pa)
+        # (c0, c1, c2, c3) <- (hi(pb) ^ c1 ^ k0, lo(pb), hi(pa) ^ c3 ^ k1, lo(pa)), each word
+        # written into a buffer whose old value was already read
+        n0 = torch.bitwise_right_shift(pb, 32, out=c2).bitwise_and_(_M32)
+        n0.bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_and(pb, _M32, out=c1)
+        n2 = torch.bitwise_right_shift(pa, 32, out=c0).bitwise_and_(_M32)
+        n2.bitwise_xor_(c3).bitwise_xor_(k1)
+        torch.bitwise_and(pa, _M32, out=c3)
+        c0, c2 = n0, n2
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0, c1, c2, c3
 
