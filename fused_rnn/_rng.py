@@ -10,12 +10,15 @@ torch loop, the stepwise Triton kernels, their backward passes) computes it from
 and the coordinates of the element, with Philox 4x32-10 (Salmon et al. 2011, "Parallel random
 numbers: as easy as 1, 2, 3"), the generator behind `tl.philox` / `tl.randint`:
 
+    e       = b * W + j                                        the element's flat index
     key     = seed (64 bits: low word k0, high word k1)
-    counter = (b * W + j,  t + (offset >> 32),  2 * stream + which,  offset mod 2**32)
-    u       = first 32-bit word of Philox4x32-10(key, counter)
+    counter = (e >> 2,  t + (offset >> 32),  2 * stream + which,  offset mod 2**32)
+    u       = 32-bit word e mod 4 of Philox4x32-10(key, counter)
     keep    = (u >> 1) < floor(p * 2**31)                      P(keep) = floor(p * 2**31) / 2**31
 
-for batch row b, unit j of a state of width W, time step t (the sequence index, not the
+(each counter's four output words serve four consecutive elements, as curand_uniform4 and
+torch's own Philox-based dropout use them: a quarter of the generator's work per element) for
+batch row b, unit j of a state of width W, time step t (the sequence index, not the
 processing order), `stream` = the layer-direction index (layer * num_directions + direction)
 and `which` = 0 for h, 1 for the LSTM's cell state c. The offset's high word is a step offset:
 `draw` leaves it 0; a call over steps t0.. of a longer sequence (a chunk of the wavefront
@@ -93,12 +96,19 @@ def threshold(p: float) -> int:
     return min(int(p * 2**31), 2**31 - 1)
 
 
+def _words(rng: Tensor, t, n: int, stream: int, which: int) -> Tensor:
+    """(..., n) int64: the generator's 32-bit word of each element e < n of a state (flat index
+    b * W + j) at step(s) t (an int64 tensor, (S, 1) for S steps, the step offset added): word
+    e mod 4 of Philox of counter e >> 2 (module docstring)."""
+    q = torch.arange((n + 3) // 4, dtype=torch.int64, device=rng.device)
+    words = philox(rng[0], q, t, 2 * stream + which, rng[1])
+    return torch.stack(words, dim=-1).flatten(-2)[..., :n]
+
+
 def keep_mask(rng: Tensor, t: int, B: int, W: int, stream: int, which: int, p: float) -> Tensor:
     """(B, W) bool: the units of a width-W state that keep their previous value at step t."""
-    b = torch.arange(B, dtype=torch.int64, device=rng.device)[:, None]
-    j = torch.arange(W, dtype=torch.int64, device=rng.device)[None, :]
-    u, *_ = philox(rng[0], b * W + j, t + (rng[1] >> 32), 2 * stream + which, rng[1])
-    return (u >> 1) < threshold(p)
+    u = _words(rng, t + (rng[1] >> 32), B * W, stream, which)
+    return ((u >> 1) < threshold(p)).view(B, W)
 
 
 def keep_masks(rng: Tensor, steps, B: int, W: int, stream: int, which: int, p: float) -> Tensor:
@@ -107,8 +117,6 @@ def keep_masks(rng: Tensor, steps, B: int, W: int, stream: int, which: int, p: f
         t = torch.arange(steps.start, steps.stop, steps.step, dtype=torch.int64, device=rng.device)
     else:
         t = torch.tensor(list(steps), dtype=torch.int64, device=rng.device)
-    t = t[:, None, None] + (rng[1] >> 32)  # the step offset (module docstring)
-    b = torch.arange(B, dtype=torch.int64, device=rng.device)[:, None]
-    j = torch.arange(W, dtype=torch.int64, device=rng.device)[None, :]
-    u, *_ = philox(rng[0], b * W + j, t, 2 * stream + which, rng[1])
-    return (u >> 1) < threshold(p)
+    t = t[:, None] + (rng[1] >> 32)  # the step offset (module docstring)
+    u = _words(rng, t, B * W, stream, which)
+    return ((u >> 1) < threshold(p)).view(-1, B, W)

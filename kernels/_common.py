@@ -743,10 +743,11 @@ def _live(lengths, t, o_b, m_b, HAS_LEN: tl.constexpr):
 # --------------------------------------------------------------------------- zoneout
 #
 # The mask of zoneout (Krueger et al. 2016) at time step t, batch row b and unit j of a state of
-# width W is one Philox4x32-10 draw (tl.philox, Salmon et al. 2011) under the 64-bit key
-# rng[0], counter (b * W + j, t + (rng[1] >> 32), 2 * z_stream + WHICH, rng[1] mod 2**32),
-# z_stream the layer-direction index and WHICH 0 for h, 1 for c: the unit keeps its previous
-# value when the first output word u has (u >> 1) < floor(p * 2**31). rng[1]'s high word is a
+# width W comes from Philox4x32-10 (tl.philox, Salmon et al. 2011) under the 64-bit key
+# rng[0]: with e = b * W + j, counter (e >> 2, t + (rng[1] >> 32), 2 * z_stream + WHICH,
+# rng[1] mod 2**32), z_stream the layer-direction index and WHICH 0 for h, 1 for c, the unit
+# keeps its previous value when output word u = e mod 4 has (u >> 1) < floor(p * 2**31) (four
+# consecutive elements share a counter, one word each). rng[1]'s high word is a
 # step offset (0 for a whole sequence; t0 for a call over its steps t0..). (The kernels'
 # argument is z_stream: Triton's launcher reserves the keyword `stream`.) fused_rnn._rng computes
 # the same bits in torch ops (the torch path and the tests); tests check the two bit for bit.
@@ -760,19 +761,23 @@ def zoneout_threshold(p: float) -> int:
 
 @triton.jit
 def _zoneout_keep(rng, t, z_stream, o_w, o_b, W, WHICH: tl.constexpr, thr):
-    """(BLOCK_W, BLOCK_B) int1: units o_w of rows o_b keep their previous value at step t.
+    """(BLOCK_W, BLOCK_B) int1: units o_w of rows o_b keep their previous value at step t
+    (fused_rnn._rng's generator: four elements share a Philox counter, one word each).
 
     rng: (2,) int64 (seed, offset; the offset's high word a step offset); thr: int32
     `zoneout_threshold`."""
     seed = tl.load(rng)
-    c0 = (o_b[None, :] * W + o_w[:, None]).to(tl.uint32)
+    e = o_b[None, :] * W + o_w[:, None]  # flat index: word e % 4 of counter e >> 2
+    c0 = (e >> 2).to(tl.uint32)
     zero = c0 * 0
     # tl.cast: a compiled kernel may see z_stream (or t) as a specialised Python int (value 1)
     offset = tl.load(rng + 1)
     c1 = zero + (tl.cast(t, tl.uint32) + (offset >> 32).to(tl.uint32))
     c2 = zero + tl.cast(z_stream * 2 + WHICH, tl.uint32)
     c3 = zero + offset.to(tl.uint32)
-    u, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    u0, u1, u2, u3 = tl.philox(seed, c0, c1, c2, c3)
+    k = e & 3
+    u = tl.where(k == 0, u0, tl.where(k == 1, u1, tl.where(k == 2, u2, u3)))
     return (u >> 1).to(tl.int32) < thr
 
 

@@ -81,10 +81,29 @@ def test_keep_mask_statistics_and_streams():
     for b in others:
         corr = torch.corrcoef(torch.stack([a.flatten(), b.double().flatten()]))[0, 1].item()
         assert abs(corr) < 5 / a.numel() ** 0.5
+    # neighbouring units of a row, which share a Philox counter (four words of it), and the
+    # units four apart, which do not, are uncorrelated
+    for lag in (1, 2, 3, 4):
+        x, y = a[..., :-lag].flatten(), a[..., lag:].flatten()
+        corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+        assert abs(corr) < 5 / x.numel() ** 0.5, lag
     # a chunk of steps is the steps one by one
     one = torch.stack([_rng.keep_mask(rng, t, B, W, 3, 1, 0.3) for t in range(5)])
     assert torch.equal(one, _rng.keep_masks(rng, range(5), B, W, 3, 1, 0.3))
     assert not _rng.keep_masks(rng, range(3), B, W, 0, 0, 0.0).any()
+
+
+def test_mask_words_layout():
+    """Element e = b * W + j takes word e mod 4 of Philox of counter (e >> 2, t, 2 * stream +
+    which, offset): the documented layout, which the kernels' `_zoneout_keep` repeats."""
+    rng = torch.tensor([987654321, (2 << 32) + 77])  # a step offset of 2 in the high word
+    B, W, t, stream, which = 3, 7, 5, 2, _rng.WHICH_C
+    words = _rng.philox(987654321, torch.arange(6), t + 2, 2 * stream + which, 77)
+    for p in (0.2, 0.7):
+        keep = _rng.keep_mask(rng, t, B, W, stream, which, p)
+        for e in range(B * W):
+            u = int(words[e % 4][e // 4])
+            assert bool(keep[e // W, e % W]) == ((u >> 1) < _rng.threshold(p)), (p, e)
 
 
 def test_draw_follows_the_seed():
