@@ -6,7 +6,7 @@ the persistent kernels' launch: their tiling (`persistent_tiles`), the co-reside
 grid, the persistent-or-stepwise decision (`choose`, `refusal`) and the cooperative launch
 (`launch_persistent`).
 Device side: numerically safe `_sigmoid` and `_tanh`, `_dot`, the chunked product `_mm_tile` of
-the stepwise kernels (and `_mm_tile_scaled`, recurrent dropout's), the live-step mask `_live`,
+the stepwise kernels (with recurrent dropout's mask on X when given), the live-step mask `_live`,
 the zoneout masks (`_zoneout_keep`, `_zoneout_factor`, `_zone`), the layer norm of the
 recurrence (`_ln_rec_kernel` and its helpers, `_ln_du` for the persistent backward), and for
 the persistent kernels the grid barrier `_grid_barrier`, the chunked operands and products
@@ -70,7 +70,6 @@ __all__ = [
     "_zoneout_keep",
     "_zoneout_factor",
     "_zone",
-    "_mm_tile_scaled",
     "LN_EPS",
     "_ln_rec_kernel",
     "_ln_partials",
@@ -697,8 +696,10 @@ def _mm_tile(
     K,
     DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    s=None,  # S[b, k] at s + b * stride_xb + k, ACC, or None: multiplies X (recurrent dropout)
 ):
-    """b_acc + A[o_m, :K] @ X[o_b, :K]^T, a `tl.dot` per BLOCK_K chunk of the reduction."""
+    """b_acc + A[o_m, :K] @ (X ⊙ S)[o_b, :K]^T, a `tl.dot` per BLOCK_K chunk of the reduction;
+    X ⊙ S is formed in ACC and rounded back to X's dtype for the product; without S, X."""
     for k in range(0, K, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -707,9 +708,12 @@ def _mm_tile(
             mask=m_m[:, None] & m_k[None, :],
             other=0.0,
         )
-        b_x = tl.load(
-            x + o_b[None, :] * stride_xb + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0
-        )
+        m_x = m_k[:, None] & m_b[None, :]
+        o_x = o_b[None, :] * stride_xb + o_k[:, None]
+        b_x = tl.load(x + o_x, mask=m_x, other=0.0)
+        if s is not None:
+            b_s = tl.load(s + o_x, mask=m_x, other=0.0)
+            b_x = (b_x.to(b_s.dtype) * b_s).to(b_x.dtype)
         b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
     return b_acc
 
@@ -806,42 +810,6 @@ def _zone(b_old, b_new, rng, t, z_stream, o_w, o_b, W, z, thr, WHICH: tl.constex
         return (b_new + z * (b_old.to(b_new.dtype) - b_new)).to(b_new.dtype)
 
 
-@triton.jit
-def _mm_tile_scaled(
-    b_acc,  # (BLOCK_M, BLOCK_B) ACC accumulator
-    a,  # A[m, k] at a + m * stride_am + k * stride_ak
-    x,  # X[b, k] at x + b * stride_xb + k (rows of a row-major (B, *) slab)
-    s,  # S[b, k] at s + b * stride_xb + k, ACC: multiplies X (recurrent dropout's mask)
-    stride_am,
-    stride_ak,
-    stride_xb,
-    o_m,
-    m_m,
-    o_b,
-    m_b,
-    K,
-    DOT_PREC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """b_acc + A[o_m, :K] @ (X ⊙ S)[o_b, :K]^T: `_mm_tile` with X scaled elementwise by S (in
-    ACC, rounded back to X's dtype for the product)."""
-    for k in range(0, K, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_a = tl.load(
-            a + o_m[:, None] * stride_am + o_k[None, :] * stride_ak,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        m_x = m_k[:, None] & m_b[None, :]
-        o_x = o_b[None, :] * stride_xb + o_k[:, None]
-        b_x = tl.load(x + o_x, mask=m_x, other=0.0)
-        b_s = tl.load(s + o_x, mask=m_x, other=0.0)
-        b_x = (b_x.to(b_s.dtype) * b_s).to(b_x.dtype)
-        b_acc = _dot(b_a, b_x, b_acc, DOT_PREC)
-    return b_acc
-
-
 # --------------------------------------------------------------------------- layer norm
 #
 # Layer norm of the recurrent product (Ba, Kiros & Hinton 2016), u = h W_hh^T: each batch row's
@@ -899,7 +867,6 @@ LN_EPS = 1e-5  # nn.LayerNorm's default
 _LN_EPS = tl.constexpr(LN_EPS)  # what a jit function may read
 
 
-@triton.heuristics({"HAS_DROP": lambda a: a["drop"] is not None})
 @triton.jit(do_not_specialize=["t", "s_in"])
 def _ln_rec_kernel(
     hs,  # (T+1, B, R) states in time order: reads slot s_in
@@ -919,7 +886,6 @@ def _ln_rec_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    HAS_DROP: tl.constexpr,
 ):
     """Phase 1 of a layer-normalised step: the recurrent product of rows o_n of W_hh for batch
     rows o_b, and its partial statistics (module comment above)."""
@@ -929,11 +895,8 @@ def _ln_rec_kernel(
     m_n, m_b = o_n < N, o_b < B
     p_h = hs + s_in.to(tl.int64) * B * R
     b_u = tl.zeros([BLOCK_N, BLOCK_B], dtype=ACC)
-    if HAS_DROP:
-        b_u = _mm_tile_scaled(b_u, w_hh, p_h, drop, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC,
-                              BLOCK_K)  # fmt: skip
-    else:
-        b_u = _mm_tile(b_u, w_hh, p_h, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC, BLOCK_K)
+    # drop None (no recurrent dropout): the launch specialises it away, the product takes no mask
+    b_u = _mm_tile(b_u, w_hh, p_h, R, 1, R, o_n, m_n, o_b, m_b, R, DOT_PREC, BLOCK_K, drop)
     m_nb = m_n[:, None] & m_b[None, :]
     tl.store(lnb + t.to(tl.int64) * TS + o_b[None, :] * LD + o_n[:, None], b_u, mask=m_nb)
     n_p = tl.minimum(N - i_n * BLOCK_N, BLOCK_N)

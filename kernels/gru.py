@@ -104,7 +104,6 @@ from ._common import (
     _ln_sums_all,
     _mm_tile,
     _mm_tile_ln,
-    _mm_tile_scaled,
     _sigmoid,
     _split_gates,
     _tanh,
@@ -344,34 +343,18 @@ def _fwd_step_kernel(
         b_an = _ln_gate(p_u + 2 * H, ln_hh + 2 * H + o_h, m_h, m_hb, b_mean, b_rstd)
         if i_h == 0:
             tl.store(lnb + i_t * ln_ts + o_b * LD + G * H, b_rstd, mask=m_b)
-    elif HAS_DROP:
-        b_a0 = _mm_tile_scaled(
-            b_z0, w_hh, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-        )
-    else:
-        b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K)
+    else:  # drop: recurrent dropout's mask, None without it (HAS_DROP)
+        b_a0 = _mm_tile(b_z0, w_hh, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K,
+                        drop)  # fmt: skip
     b_h = tl.load(p_hin + o_bh, mask=m_hb, other=0.0)
     if not HAS_LN:
         b_az, b_an = b_a0, b_a0  # the RNN has one gate block
     if CELL == 0:
-        if HAS_LN:
-            pass
-        elif HAS_DROP:
-            b_az = _mm_tile_scaled(
-                b_z0, w_hh + H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
-                BLOCK_K,
-            )  # fmt: skip
-            b_an = _mm_tile_scaled(
-                b_z0, w_hh + 2 * H * H, p_hin, drop, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
-                BLOCK_K,
-            )  # fmt: skip
-        else:
-            b_az = _mm_tile(
-                b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-            )
-            b_an = _mm_tile(
-                b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC, BLOCK_K
-            )
+        if not HAS_LN:
+            b_az = _mm_tile(b_z0, w_hh + H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H, DOT_PREC,
+                            BLOCK_K, drop)  # fmt: skip
+            b_an = _mm_tile(b_z0, w_hh + 2 * H * H, p_hin, H, 1, H, o_h, m_h, o_b, m_b, H,
+                            DOT_PREC, BLOCK_K, drop)  # fmt: skip
         if HAS_B_HN:
             b_an += tl.load(b_hn + o_h, mask=m_h, other=0.0).to(ACC)[:, None]
     b_g0, b_gz, b_gn = _gru_load_gx(p_gx, m_hb, H, CELL, ACC)
